@@ -1,0 +1,1 @@
+"""qcloop.qc_modules"""

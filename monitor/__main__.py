@@ -1,0 +1,5 @@
+"""``python -m qcloop.monitor`` runs the command line."""
+
+from qcloop.monitor.cli import main
+
+main()

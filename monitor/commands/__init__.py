@@ -1,0 +1,1 @@
+"""One module per ``qcloop`` subcommand, imported only when that command runs."""

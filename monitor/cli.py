@@ -49,9 +49,7 @@ class LazyGroup(click.Group):
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         self._load_plugin_commands()
-        available = [
-            name for name in self._lazy if _module_exists(self._lazy[name].split(":")[0])
-        ]
+        available = [name for name in self._lazy if _module_exists(self._lazy[name].split(":")[0])]
         return sorted(set(available) | set(super().list_commands(ctx)))
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
@@ -68,7 +66,9 @@ def _module_exists(module_name: str) -> bool:
     return importlib.util.find_spec(f"qcloop.monitor.commands.{module_name}") is not None
 
 
-@click.group(cls=LazyGroup, lazy=BUILTIN_COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=LazyGroup, lazy=BUILTIN_COMMANDS, context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.version_option(__version__, prog_name="qcloop")
 @click.option(
     "--log-level",

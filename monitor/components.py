@@ -6,7 +6,6 @@ registry), then calls it as a plain object: nothing below is dispatched through 
 
 from __future__ import annotations
 
-
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -14,7 +13,6 @@ import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-
 
 
 @runtime_checkable
@@ -86,7 +84,9 @@ class Tracker(Protocol):
 class NullTracker:
     """The tracker used when none is configured: accepts every call and records nothing."""
 
-    def start_run(self, name: str, tags: dict[str, str] | None = None) -> AbstractContextManager[Any]:
+    def start_run(
+        self, name: str, tags: dict[str, str] | None = None
+    ) -> AbstractContextManager[Any]:
         from contextlib import nullcontext
 
         return nullcontext()
@@ -99,5 +99,3 @@ class NullTracker:
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         return None
-
-

@@ -1,0 +1,540 @@
+"""The QC loop on a dataset: train a model set, assess cases, refine on flagged cases, predict.
+
+These functions are what the ``train``, ``assess``, ``refine``, ``predict`` and ``demo``
+commands run. Components are resolved from the configuration once; the per-case path calls
+plain objects.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import logging
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qcloop.monitor import __version__, atomic
+from qcloop.monitor.assessment import Assessor, ScoredCase, fit_population_fences
+from qcloop.monitor.config import QcloopConfig, dump_config
+from qcloop.monitor.data import Case, CaseError, CaseSource, discover, load_cases
+from qcloop.monitor.data.preprocess import Prepared, Preprocessor
+from qcloop.monitor.modelset import (
+    ModelSet,
+    build_qc_module,
+    build_segmenter,
+    load_model_set,
+    load_run_config,
+    qc_params,
+    read_run_info,
+    run_views,
+    save_candidates,
+)
+from qcloop.monitor.progress import progress
+from qcloop.monitor.training import SliceSet, TrainSettings, ValCase, train_segmenter
+
+log = logging.getLogger(__name__)
+
+VAL_SPLITS = ("val", "validation")
+
+
+@dataclass
+class PreparedCase:
+    """A loaded case and its network-grid version."""
+
+    case: Case
+    prepared: Prepared
+
+    @property
+    def key(self) -> dict[str, Any]:
+        """Identity fields of the case's JSON record."""
+        src = self.case.source
+        return {
+            "subject": src.subject,
+            "view": src.view,
+            "phase": src.phase,
+            "vendor": src.vendor,
+            "disease": src.disease,
+            "image": str(src.image_path),
+        }
+
+    @property
+    def net_spacing(self) -> tuple[float, float, float]:
+        """Spacing in the network array order ``(Z, X, Y)``."""
+        sx, sy, sz = self.prepared.spacing
+        return (sz, sx, sy)
+
+
+def make_preprocessor(cfg: QcloopConfig, divisor: int = 1) -> Preprocessor:
+    """The preprocessing of the configuration."""
+    p = cfg.preprocessing
+    return Preprocessor(
+        size=p.size,
+        target_spacing=p.target_spacing_mm,
+        divisor=divisor,
+        normalisation=p.normalisation,
+    )
+
+
+def load_prepared(
+    sources: Sequence[CaseSource], preprocessor: Preprocessor, errors: list[CaseError] | None = None
+) -> list[PreparedCase]:
+    """Load and prepare cases; bad cases are logged, recorded in ``errors`` and skipped."""
+    report = load_cases(sources)
+    if errors is not None:
+        errors.extend(report.errors)
+    out = []
+    for case in progress(report.cases, desc="preparing"):
+        try:
+            out.append(PreparedCase(case, preprocessor.prepare(case)))
+        except (CaseError, ValueError) as exc:
+            log.warning("%s: skipped (%s)", case.source.image_path, exc)
+            if errors is not None:
+                errors.append(
+                    exc
+                    if isinstance(exc, CaseError)
+                    else CaseError(case.source.image_path, str(exc))
+                )
+    return out
+
+
+def split_labelled(
+    sources: Sequence[CaseSource], val_fraction: float = 0.15, seed: int = 0
+) -> tuple[list[CaseSource], list[CaseSource]]:
+    """Training and validation cases: by the ``split`` metadata when the layout has it, else a
+    deterministic subject-level split of the labelled cases."""
+    labelled = [s for s in sources if s.gt_path is not None]
+    train = [s for s in labelled if s.split == "train"]
+    val = [s for s in labelled if s.split in VAL_SPLITS]
+    if train and val:
+        return train, val
+    subjects = sorted({s.subject for s in labelled})
+    rng = np.random.default_rng(seed)
+    n_val = max(1, round(len(subjects) * val_fraction)) if len(subjects) > 1 else 0
+    val_subjects = set(rng.permutation(subjects)[:n_val].tolist())
+    return (
+        [s for s in labelled if s.subject not in val_subjects],
+        [s for s in labelled if s.subject in val_subjects],
+    )
+
+
+def train_settings(cfg: QcloopConfig) -> TrainSettings:
+    """Training settings from the configuration."""
+    t = cfg.training
+    return TrainSettings(
+        epochs=t.epochs,
+        batch_size=t.batch_size,
+        m_best=t.m_best,
+        val_every=t.val_every,
+        flip=t.augmentation.flip,
+        rotation_deg=t.augmentation.rotation_deg,
+        scale=tuple(t.augmentation.scale),
+        max_slices_per_epoch=t.max_slices_per_epoch,
+        lr=t.lr,
+        seed=cfg.seed,
+    )
+
+
+def threshold_strategy(cfg: QcloopConfig) -> Any:
+    """The configured threshold strategy object."""
+    from qcloop.monitor.plugins import get_plugin_manager
+
+    c = cfg.assessment.thresholds
+    return get_plugin_manager().threshold_strategies().create(c.name, c.params)
+
+
+def population(cfg: QcloopConfig) -> str:
+    """``reference`` or ``transductive``."""
+    return str(cfg.assessment.thresholds.params.get("population", "reference"))
+
+
+def _phase(scored: ScoredCase) -> str:
+    return str(scored.key["phase"])
+
+
+def train_run(
+    data_dir: str | Path,
+    run_dir: str | Path,
+    cfg: QcloopConfig,
+    views: Sequence[str] | None = None,
+    *,
+    tracker: Any = None,
+) -> dict[str, Any]:
+    """Train M (keeping m_best candidates) and R per view, then calibrate reference fences."""
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(run / "config.yaml", dump_config(cfg))
+    views = list(views or cfg.views)
+    all_sources = discover(data_dir)
+    info: dict[str, Any] = {
+        "qcloop_version": __version__,
+        "kind": "trained",
+        "created": _now(),
+        "data": str(Path(data_dir).resolve()),
+        "views": {},
+        "parent": None,
+    }
+    for view in views:
+        sources = [s for s in all_sources if s.view == view]
+        train_src, val_src = split_labelled(sources, seed=cfg.seed)
+        if not train_src or not val_src:
+            raise CaseError(data_dir, f"no labelled {view} cases to train and validate on")
+        model = build_segmenter(cfg.segmenter.name, cfg.segmenter.params)
+        pre = make_preprocessor(cfg, getattr(model, "divisor", 1))
+        errors: list[CaseError] = []
+        train_cases = load_prepared(train_src, pre, errors)
+        val_cases = load_prepared(val_src, pre, errors)
+        slices = SliceSet.from_stacks(
+            [c.prepared.image for c in train_cases], [c.prepared.gt for c in train_cases]
+        )
+        val = [ValCase(c.prepared.image, c.prepared.gt) for c in val_cases]
+        view_dir = run / view
+        log.info(
+            "%s: training %s on %d slices (%d cases), validating on %d cases",
+            view,
+            cfg.segmenter.name,
+            len(slices),
+            len(train_cases),
+            len(val),
+        )
+        meta = {"segmenter": cfg.segmenter.name, "params": cfg.segmenter.params, "view": view}
+        result = train_segmenter(model, slices, val, train_settings(cfg), view_dir, model_meta=meta)
+        atomic.write_json(
+            view_dir / "candidates.json",
+            [{**c.to_dict(), "view": view} for c in result.checkpoints],
+        )
+        atomic.write_json(view_dir / "training" / "history.json", result.history)
+
+        qc = build_qc_module(cfg.qc.module.name, qc_params(cfg, view))
+        qc_history = qc.fit(slices.labels, np.concatenate([v.labels for v in val]), seed=cfg.seed)
+        atomic.torch_save(qc.state_dict(), view_dir / "qc.pt")
+        atomic.write_json(view_dir / "training" / "qc_history.json", _jsonable(qc_history))
+
+        model_set = load_model_set(run, view, cfg)
+        fences = calibrate_reference_fences(model_set, val_cases, cfg)
+        atomic.write_json(view_dir / "fences.json", {k: f.to_dict() for k, f in fences.items()})
+        info["views"][view] = {
+            "train_cases": len(train_cases),
+            "val_cases": len(val),
+            "train_slices": len(slices),
+            "candidates": [c.to_dict() for c in result.checkpoints],
+            "skipped": [str(e) for e in errors],
+        }
+    atomic.write_json(run / "run.json", info)
+    return info
+
+
+def calibrate_reference_fences(
+    model_set: ModelSet, val_cases: Sequence[PreparedCase], cfg: QcloopConfig
+) -> dict[str, Any]:
+    """Fences per phase (and pooled as ``"all"``) from the validation cases' QC scores."""
+    assessor = make_assessor(model_set, cfg)
+    scored = [assessor.score(c.key, c.prepared.image, c.net_spacing)[0] for c in val_cases]
+    strategy = threshold_strategy(cfg)
+    fences = fit_population_fences(scored, strategy, _phase)
+    fences["all"] = fit_population_fences(scored, strategy, lambda s: "all")["all"]
+    return fences
+
+
+def make_assessor(model_set: ModelSet, cfg: QcloopConfig) -> Assessor:
+    """An assessor configured from ``cfg``."""
+    a = cfg.assessment
+    return Assessor(
+        model_set, decision_structure=a.decision_structure, voxel_units=a.hd_units == "voxel"
+    )
+
+
+@dataclass
+class Assessed:
+    """A scored and judged case, with its candidates' probabilities while they are needed."""
+
+    item: PreparedCase
+    scored: ScoredCase
+    probs: list[np.ndarray] = field(default_factory=list)
+
+
+CaseCallback = Callable[[Assessed], None]
+
+
+def assess_prepared(
+    model_set: ModelSet,
+    cases: Sequence[PreparedCase],
+    cfg: QcloopConfig,
+    on_case: CaseCallback | None = None,
+) -> list[ScoredCase]:
+    """Score, judge and select every case; ``on_case`` sees each case with its probabilities.
+
+    With reference fences each case is judged as soon as it is scored; with transductive fences
+    the whole population is scored first, fences are fitted per phase, and candidates' maps are
+    recomputed for the callback (nothing large is held for the whole population).
+    """
+    assessor = make_assessor(model_set, cfg)
+    transductive = population(cfg) == "transductive"
+    scored_all: list[ScoredCase] = []
+    for item in progress(cases, desc=f"assessing {model_set.view}"):
+        scored, probs = assessor.score(item.key, item.prepared.image, item.net_spacing)
+        scored_all.append(scored)
+        if transductive:
+            continue
+        scored.judge(reference_fences(model_set, item.case.phase))
+        if on_case is not None:
+            on_case(Assessed(item, scored, probs))
+    if transductive and scored_all:
+        fences = fit_population_fences(scored_all, threshold_strategy(cfg), _phase)
+        for item, scored in zip(cases, scored_all, strict=True):
+            scored.judge(fences[_phase(scored)])
+            if on_case is not None:
+                on_case(
+                    Assessed(item, scored, assessor.candidate_probabilities(item.prepared.image))
+                )
+    return scored_all
+
+
+def reference_fences(model_set: ModelSet, phase: str) -> Any:
+    """The reference fences of ``phase`` (pooled fences for a phase not calibrated)."""
+    if phase in model_set.fences:
+        return model_set.fences[phase]
+    if "all" in model_set.fences:
+        return model_set.fences["all"]
+    raise CaseError(phase, "the run has no reference fences; use population: transductive")
+
+
+def restore_labels(item: PreparedCase, probs: np.ndarray) -> np.ndarray:
+    """A network-grid softmax map restored to the original grid, as labels ``(X, Y, Z)``."""
+    return item.prepared.transform.restore_probabilities(probs).argmax(-1).astype(np.uint8)
+
+
+def sources_for(
+    data_dir: str | Path, views: Iterable[str], where: dict[str, Any] | None = None
+) -> list[CaseSource]:
+    """Discovered cases of ``views`` (optionally filtered by metadata)."""
+    return [s for s in discover(data_dir, where=where) if s.view in set(views)]
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(
+        json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    )
+
+
+def copy_run_skeleton(src: Path, dst: Path, views: Sequence[str]) -> None:
+    """Copy what a refined run shares with its parent: config, QC modules and fences."""
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src / "config.yaml", dst / "config.yaml")
+    for view in views:
+        (dst / view).mkdir(parents=True, exist_ok=True)
+        for name in ("qc.pt", "fences.json"):
+            if (src / view / name).exists():
+                shutil.copy2(src / view / name, dst / view / name)
+
+
+def refine_run(
+    data_dir: str | Path,
+    run_dir: str | Path,
+    out_run: str | Path,
+    cfg: QcloopConfig | None = None,
+    *,
+    labelled_dir: str | Path | None = None,
+    views: Sequence[str] | None = None,
+    where: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Refine every candidate on the OoD cases of ``data_dir``; save the refined set in
+    ``out_run`` beside (never over) ``run_dir``."""
+    run, out = Path(run_dir), Path(out_run)
+    if out.resolve() == run.resolve():
+        raise ValueError(f"{out}: refined models go beside the original run, not over it")
+    cfg = cfg or load_run_config(run)
+    parent = read_run_info(run)
+    views = [v for v in (views or run_views(run))]
+    labelled_dir = labelled_dir or parent.get("data")
+    copy_run_skeleton(run, out, views)
+    info: dict[str, Any] = {
+        "qcloop_version": __version__,
+        "kind": "refined",
+        "created": _now(),
+        "data": parent.get("data"),
+        "parent": str(run.resolve()),
+        "refined_on": str(Path(data_dir).resolve()),
+        "views": {},
+    }
+    for view in views:
+        info["views"][view] = refine_view(view, run, out, cfg, data_dir, labelled_dir, where)
+    atomic.write_json(out / "run.json", info)
+    return info
+
+
+def refine_view(
+    view: str,
+    run: Path,
+    out: Path,
+    cfg: QcloopConfig,
+    data_dir: str | Path,
+    labelled_dir: str | Path,
+    where: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Refine the candidates of one view on its flagged cases; write them under ``out/view``."""
+    from qcloop.monitor.plugins import get_plugin_manager
+    from qcloop.plugins.refiners import FlaggedSet
+
+    rc = cfg.refinement.refiner
+    model_set = load_model_set(run, view, cfg)
+    pre = make_preprocessor(cfg, getattr(model_set.best, "divisor", 1))
+    cases = load_prepared(sources_for(data_dir, [view], where), pre)
+    flagged_items: list[Assessed] = []
+
+    def keep(a: Assessed) -> None:
+        if a.scored.ood:
+            flagged_items.append(Assessed(a.item, a.scored, [_selected(a).astype(np.float32)]))
+
+    scored = assess_prepared(model_set, cases, cfg, keep)
+    flagged = FlaggedSet(
+        images=[a.item.prepared.image for a in flagged_items],
+        selected=[a.probs[0] for a in flagged_items],
+    )
+    train_src, _ = split_labelled(sources_for(labelled_dir, [view]), seed=cfg.seed)
+    labelled = load_prepared(train_src, pre)
+    slices = SliceSet.from_stacks(
+        [c.prepared.image for c in labelled], [c.prepared.gt for c in labelled]
+    )
+    assessor = make_assessor(model_set, cfg)
+    fences = [a.scored.fences for a in flagged_items]
+
+    def still_ood(model: Any) -> int:
+        return count_still_ood(assessor, model, flagged_items, fences)
+
+    refined, histories = [], []
+    for i, candidate in enumerate(model_set.candidates):
+        params = {"seed": cfg.seed + i, **rc.params}
+        if rc.name == "alpha":
+            params.setdefault("k_semi", cfg.refinement.k_semi)
+        refiner = get_plugin_manager().refiners().create(rc.name, params)
+        model = copy.deepcopy(candidate)
+        histories.append(refiner.refine(model, model_set.qc, flagged, slices, still_ood))
+        refined.append(model)
+    entries = [
+        {**e, "path": f"candidates/refined-{i}.pt", "parent_path": e["path"]}
+        for i, e in enumerate(model_set.candidate_info)
+    ]
+    save_candidates(out / view, refined, entries)
+    log.info(
+        "%s: refined %d candidate(s) on %d flagged of %d cases",
+        view,
+        len(refined),
+        len(flagged_items),
+        len(scored),
+    )
+    return {
+        "cases": len(scored),
+        "flagged": len(flagged_items),
+        "refiner": rc.name,
+        "flagged_keys": [f"{a.item.case.key}" for a in flagged_items],
+        "history": _jsonable(histories),
+    }
+
+
+def _selected(a: Assessed) -> np.ndarray:
+    from qcloop.monitor.assessment import selected_probabilities
+
+    return selected_probabilities(a.scored, a.probs)
+
+
+def count_still_ood(
+    assessor: Assessor, model: Any, flagged: Sequence[Assessed], fences: Sequence[Any]
+) -> int:
+    """How many flagged cases one candidate still leaves outside its fences."""
+    from qcloop.monitor.assessment import decision_value, pseudo_metrics
+    from qcloop.monitor.training import predict_probabilities
+
+    n = 0
+    for a, f in zip(flagged, fences, strict=True):
+        probs = predict_probabilities(model, a.item.prepared.image)
+        recon = assessor.model_set.qc.reconstruct(probs)
+        scores = pseudo_metrics(
+            probs.argmax(1), recon.argmax(1), a.item.net_spacing, voxel_units=assessor.voxel_units
+        )
+        pdc, phd, _ = decision_value(scores, assessor.decision_structure)
+        n += int(f.is_outlier(pdc, phd))
+    return n
+
+
+def assess_run(
+    data_dir: str | Path,
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    write_masks: bool = False,
+    views: Sequence[str] | None = None,
+    where: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Assess (and with ``write_masks`` predict) every case of ``data_dir`` with a run.
+
+    Writes ``out_dir/records.jsonl`` (one JSON record per case, in case order) and
+    ``out_dir/summary.json``; with ``write_masks`` the QC-selected masks go to
+    ``out_dir/masks/<subject>_<view>_<phase>_pred.nii.gz`` on the original grid with the
+    original affine and header. Bad cases are reported in the summary and skipped.
+    """
+    from qcloop.monitor.data import save_label_map
+
+    run, out = Path(run_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_run_config(run)
+    views = [v for v in (views or run_views(run))]
+    all_sources = discover(data_dir, where=where)
+    records: list[dict[str, Any]] = []
+    errors: list[CaseError] = []
+    per_view: dict[str, Any] = {}
+    for view in views:
+        model_set = load_model_set(run, view, cfg)
+        pre = make_preprocessor(cfg, getattr(model_set.best, "divisor", 1))
+        cases = load_prepared([s for s in all_sources if s.view == view], pre, errors)
+
+        def emit(a: Assessed) -> None:
+            rec = a.scored.to_record()
+            if a.item.case.gt is not None:
+                labels = restore_labels(a.item, _selected(a))
+                rec["true_selected"] = {
+                    s: {"dice": v.dice, "hd_mm": v.hd}
+                    for s, v in compute_true(labels, a.item.case).items()
+                }
+            if write_masks:
+                src = a.item.case.source
+                path = out / "masks" / f"{src.subject}_{src.view}_{src.phase}_pred.nii.gz"
+                save_label_map(path, restore_labels(a.item, _selected(a)), a.item.case)
+                rec["mask"] = str(path)
+            records.append(rec)
+
+        scored = assess_prepared(model_set, cases, cfg, emit)
+        per_view[view] = {
+            "cases": len(scored),
+            "ood": sum(bool(s.ood) for s in scored),
+            "population": population(cfg),
+        }
+    atomic.write_text(
+        out / "records.jsonl", "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
+    )
+    summary = {
+        "run": str(run.resolve()),
+        "data": str(Path(data_dir).resolve()),
+        "views": per_view,
+        "cases": len(records),
+        "ood": sum(bool(r.get("ood")) for r in records),
+        "skipped": [{"path": str(e.path), "reason": e.reason} for e in errors],
+    }
+    atomic.write_json(out / "summary.json", summary)
+    return summary
+
+
+def compute_true(labels: np.ndarray, case: Case) -> dict[str, Any]:
+    """True metrics of a restored prediction against the case's ground truth (original grid)."""
+    from qcloop.monitor.metrics import compute_metrics
+
+    return compute_metrics(labels, case.gt, case.spacing)

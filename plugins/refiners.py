@@ -1,0 +1,290 @@
+"""Built-in refiners: ``alpha`` (the paper) and ``blend`` (the authors' public code).
+
+A refiner fine-tunes ONE candidate segmenter in place on the cases flagged as OoD, anchored by
+the labelled training data; the core calls it once per candidate (on a copy) and saves the
+refined set beside the original. It never sees ground truth of the flagged cases.
+
+* ``alpha``: ``L = (1/k) WGD(yM, R(yM)) + L_sup`` at refinement epoch ``k``, at most ``k_semi``
+  epochs, stopping as soon as none of the flagged cases is still OoD for this candidate.
+* ``blend``: alternates a supervised epoch with one RV-weighted step per OoD case against the
+  pseudo label ``argmax(t * p_best + (1 - t) * R(M(x)))``, ``t = epoch / total``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from qcloop.monitor import hookimpl
+from qcloop.monitor.hookspecs import Register
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from qcloop.monitor.training import SliceSet
+
+log = logging.getLogger(__name__)
+
+#: ``still_ood(model) -> int``: how many flagged cases this candidate still leaves OoD.
+StillOod = Callable[["torch.nn.Module"], int]
+MetricsLogger = Callable[[dict[str, float], int], None]
+
+
+@dataclass
+class FlaggedSet:
+    """The unlabelled cases flagged as OoD, on the network grid.
+
+    Attributes:
+        images: per case, slices ``(Z, S, S)``.
+        selected: per case, the QC-selected softmax map ``(Z, C, S, S)`` (used by ``blend``).
+    """
+
+    images: list[np.ndarray]
+    selected: list[np.ndarray] | None = None
+
+    def slices(self) -> np.ndarray:
+        """All slices ``(N, 1, S, S)``."""
+        return np.concatenate(self.images)[:, None].astype(np.float32, copy=False)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+class AlphaRefiner:
+    """The paper's semi-supervised refinement with ``alpha = 1/k``.
+
+    Args:
+        k_semi: maximum number of refinement epochs.
+        class_weights: WGD emphasis per class (background, LV, MYO, RV); the RV weighs more.
+        lr: Adam learning rate of the fine-tuning.
+        batch_size: flagged slices per step (paired with as many labelled slices).
+        max_slices_per_epoch: cap on flagged slices visited per epoch (None = all).
+        seed: shuffling seed.
+    """
+
+    def __init__(
+        self,
+        k_semi: int = 5,
+        class_weights: Sequence[float] = (0.0, 1.0, 1.0, 2.0),
+        lr: float = 1e-4,
+        batch_size: int = 8,
+        max_slices_per_epoch: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if k_semi < 0:
+            raise ValueError(f"k_semi must be >= 0, got {k_semi}")
+        self.k_semi = k_semi
+        self.class_weights = tuple(float(w) for w in class_weights)
+        self.lr = lr
+        self.batch_size = batch_size
+        self.max_slices_per_epoch = max_slices_per_epoch
+        self.seed = seed
+
+    def refine(
+        self,
+        model: torch.nn.Module,
+        qc: Any,
+        flagged: FlaggedSet,
+        labeled: SliceSet,
+        still_ood: StillOod,
+        *,
+        log_metrics: MetricsLogger | None = None,
+    ) -> dict[str, Any]:
+        """Fine-tune ``model`` in place; return the history (epochs, losses, OoD counts)."""
+        import torch
+
+        from qcloop.monitor.losses import SupervisedLoss, weighted_generalised_dice
+
+        history: dict[str, Any] = {"refiner": "alpha", "epochs": [], "ood_before": still_ood(model)}
+        if len(flagged) == 0 or history["ood_before"] == 0:
+            history["stopped"] = "no OoD case"
+            return history
+        gen = torch.Generator().manual_seed(self.seed)
+        torch.manual_seed(self.seed)
+        opt = torch.optim.Adam(model.parameters(), lr=self.lr)
+        sup = SupervisedLoss(num_classes=len(self.class_weights))
+        ds_weights = list(model.deep_supervision_weights())
+        x_u_all = torch.from_numpy(flagged.slices())
+        x_l_all = torch.from_numpy(labeled.images)
+        y_l_all = torch.from_numpy(labeled.labels.astype(np.int64))
+        history["stopped"] = "k_semi reached"
+        for k in range(1, self.k_semi + 1):
+            alpha = 1.0 / k
+            pseudo = _pseudo_labels(model, qc, x_u_all, self.batch_size)
+            model.train()
+            n_u = len(x_u_all)
+            order = torch.randperm(n_u, generator=gen)[: self.max_slices_per_epoch or n_u]
+            losses = []
+            for i in range(0, len(order), self.batch_size):
+                idx = order[i : i + self.batch_size]
+                lab = torch.randint(0, len(x_l_all), (max(len(idx), 2),), generator=gen)
+                x = torch.cat([x_u_all[idx], x_l_all[lab]])
+                outputs = model(x)
+                outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
+                nu = len(idx)
+                probs_u = torch.softmax(outputs[0][:nu], dim=1)
+                l_semi = weighted_generalised_dice(probs_u, pseudo[idx], self.class_weights)
+                l_sup = sup([o[nu:] for o in outputs], y_l_all[lab], ds_weights)
+                loss = alpha * l_semi + l_sup
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+            remaining = still_ood(model)
+            record = {"epoch": k, "alpha": alpha, "loss": float(np.mean(losses)), "ood": remaining}
+            history["epochs"].append(record)
+            if log_metrics is not None:
+                log_metrics({"refine_loss": record["loss"], "refine_ood": float(remaining)}, k)
+            log.info(
+                "alpha refinement epoch %d: loss %.4f, %d case(s) still OoD",
+                k,
+                record["loss"],
+                remaining,
+            )
+            if remaining == 0:
+                history["stopped"] = "no OoD case left"
+                break
+        model.eval()
+        return history
+
+
+class BlendRefiner:
+    """The authors' code: supervised epochs alternating with RV-weighted steps on OoD cases.
+
+    Args:
+        epochs: number of (supervised epoch, OoD steps) rounds.
+        lr: Adam learning rate.
+        batch_size: labelled slices per supervised step.
+        rv_label: label of the structure the OoD loss is restricted to (RV = 3).
+        max_slices_per_epoch: cap on labelled slices per supervised epoch (None = all).
+        seed: shuffling seed.
+    """
+
+    def __init__(
+        self,
+        epochs: int = 5,
+        lr: float = 1e-4,
+        batch_size: int = 8,
+        rv_label: int = 3,
+        max_slices_per_epoch: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.epochs = epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.rv_label = rv_label
+        self.max_slices_per_epoch = max_slices_per_epoch
+        self.seed = seed
+
+    def refine(
+        self,
+        model: torch.nn.Module,
+        qc: Any,
+        flagged: FlaggedSet,
+        labeled: SliceSet,
+        still_ood: StillOod,
+        *,
+        log_metrics: MetricsLogger | None = None,
+    ) -> dict[str, Any]:
+        """Fine-tune ``model`` in place; return the history."""
+        import torch
+        import torch.nn.functional as F
+
+        from qcloop.monitor.losses import SupervisedLoss
+
+        history: dict[str, Any] = {"refiner": "blend", "epochs": [], "ood_before": still_ood(model)}
+        if len(flagged) == 0 or history["ood_before"] == 0:
+            history["stopped"] = "no OoD case"
+            return history
+        if flagged.selected is None:
+            raise ValueError("blend refiner needs the QC-selected maps of the flagged cases")
+        gen = torch.Generator().manual_seed(self.seed)
+        torch.manual_seed(self.seed)
+        opt = torch.optim.Adam(model.parameters(), lr=self.lr)
+        sup = SupervisedLoss()
+        ds_weights = list(model.deep_supervision_weights())
+        x_l_all = torch.from_numpy(labeled.images)
+        y_l_all = torch.from_numpy(labeled.labels.astype(np.int64))
+        cases = [torch.from_numpy(im[:, None].astype(np.float32)) for im in flagged.images]
+        p_best = [torch.from_numpy(p.astype(np.float32)) for p in flagged.selected]
+        for epoch in range(self.epochs):
+            t = epoch / self.epochs
+            model.train()
+            n_l = len(x_l_all)
+            order = torch.randperm(n_l, generator=gen)[: self.max_slices_per_epoch or n_l]
+            sup_losses = []
+            for i in range(0, len(order), self.batch_size):
+                idx = order[i : i + self.batch_size]
+                if len(idx) < 2:
+                    continue
+                loss = sup(model(x_l_all[idx]), y_l_all[idx], ds_weights)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sup_losses.append(float(loss.detach()))
+            ood_losses = []
+            for c in torch.randperm(len(cases), generator=gen).tolist():
+                with torch.no_grad():
+                    model.eval()
+                    recon = torch.from_numpy(
+                        qc.reconstruct(torch.softmax(model(cases[c]), 1).numpy())
+                    )
+                    target = (t * p_best[c] + (1 - t) * recon).argmax(1)
+                model.train()  # BatchNorm statistics adapt on OoD cases, as in the authors' code
+                out = model(cases[c])
+                logits = out[0] if isinstance(out, list | tuple) else out
+                rv_logit = logits[:, self.rv_label] - torch.logsumexp(
+                    torch.cat([logits[:, : self.rv_label], logits[:, self.rv_label + 1 :]], 1), 1
+                )
+                rv_target = (target == self.rv_label).float()
+                prob = torch.sigmoid(rv_logit)
+                dice = 1 - (2 * (prob * rv_target).sum() + 1e-5) / (
+                    prob.sum() + rv_target.sum() + 1e-5
+                )
+                loss = dice + F.binary_cross_entropy_with_logits(rv_logit, rv_target)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                ood_losses.append(float(loss.detach()))
+            remaining = still_ood(model)
+            record = {
+                "epoch": epoch + 1,
+                "t": t,
+                "sup_loss": float(np.mean(sup_losses)) if sup_losses else 0.0,
+                "ood_loss": float(np.mean(ood_losses)),
+                "ood": remaining,
+            }
+            history["epochs"].append(record)
+            if log_metrics is not None:
+                log_metrics(
+                    {"refine_ood_loss": record["ood_loss"], "refine_ood": float(remaining)}, epoch
+                )
+        history["stopped"] = "epochs done"
+        model.eval()
+        return history
+
+
+def _pseudo_labels(
+    model: torch.nn.Module, qc: Any, x: torch.Tensor, batch_size: int
+) -> torch.Tensor:
+    """``R(M(x))``: the QC reconstruction of the model's current softmax output (no gradient)."""
+    import torch
+
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), max(batch_size, 16)):
+            probs = torch.softmax(model(x[i : i + max(batch_size, 16)]), 1).numpy()
+            out.append(torch.from_numpy(qc.reconstruct(probs)))
+    return torch.cat(out)
+
+
+@hookimpl
+def register_refiners(register: Register) -> None:
+    """Register ``alpha`` and ``blend``."""
+    register("alpha", AlphaRefiner)
+    register("blend", BlendRefiner)

@@ -6,6 +6,7 @@ registry), then calls it as a plain object: nothing below is dispatched through 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -65,6 +66,46 @@ class QCModule(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Fences(Protocol):
+    """Fitted outlier fences: a case fails when ``pdc < pdc_low`` or ``phd > phd_high``."""
+
+    pdc_low: float
+    phd_high: float
+
+    def is_outlier(self, pdc: float, phd: float) -> bool: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class ThresholdStrategy(Protocol):
+    """Fits fences on a population's quality estimates; keeps no state of its own."""
+
+    def fit(
+        self,
+        pdc: Sequence[float],
+        phd: Sequence[float],
+        penalised: Sequence[bool] | None = None,
+    ) -> Fences: ...
+
+
+class Refiner(Protocol):
+    """Fine-tunes one candidate segmenter in place on the flagged (OoD) cases."""
+
+    def refine(
+        self,
+        model: Any,
+        qc: QCModule,
+        flagged: Any,
+        labeled: Any,
+        still_ood: Callable[[Any], int],
+        *,
+        log_metrics: Callable[[dict[str, float], int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Return the history (epochs, losses, OoD counts); ``still_ood(model)`` counts the
+        flagged cases this candidate still leaves outside its fences."""
+        ...
 
 
 class Tracker(Protocol):

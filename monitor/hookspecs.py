@@ -53,8 +53,8 @@ def register_qc_modules(register: Register) -> None:
 def register_threshold_strategies(register: Register) -> None:
     """Register threshold-strategy factories: ``register("iqr", factory)``.
 
-    :param register: call ``register(name, factory)``; ``factory(**params)`` returns an object
-        with ``fit(scores)`` and ``is_outlier(score)``.
+    :param register: call ``register(name, factory)``; ``factory(**params)`` returns a stateless
+        strategy whose ``fit(pdc, phd, penalised)`` returns fences with ``is_outlier(pdc, phd)``.
     """
 
 
@@ -63,7 +63,8 @@ def register_refiners(register: Register) -> None:
     """Register refiner factories: ``register("alpha", factory)``.
 
     :param register: call ``register(name, factory)``; ``factory(**params)`` returns an object
-        with ``refine(...)`` returning refined candidates.
+        whose ``refine(model, qc, flagged, labeled, still_ood)`` fine-tunes one candidate in
+        place and returns its history.
     """
 
 

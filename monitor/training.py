@@ -216,8 +216,6 @@ def train_segmenter(
             dropped = []
         record["seconds"] = time.perf_counter() - t0
         history.append(record)
-        if log_metrics is not None:
-            log_metrics({k: v for k, v in record.items() if k != "epoch"}, epoch)
         log.info(
             "epoch %d/%d loss %.4f%s (%.1f s)",
             epoch + 1,
@@ -242,6 +240,8 @@ def train_segmenter(
         # only now that last.pt no longer names them may dropped checkpoints go
         for stale in dropped:
             (out / stale.path).unlink(missing_ok=True)
+        if log_metrics is not None:
+            log_metrics({k: v for k, v in record.items() if k != "epoch"}, epoch)
     return TrainResult(checkpoints=sorted(kept, key=lambda c: -c.val_dice), history=history)
 
 

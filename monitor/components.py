@@ -26,6 +26,7 @@ class Segmenter(Protocol):
     """
 
     num_classes: int
+    in_channels: int
     divisor: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]: ...
@@ -34,8 +35,12 @@ class Segmenter(Protocol):
         """Loss weight of each output returned in training mode (sums to 1)."""
         ...
 
+    def describe(self) -> dict[str, Any]:
+        """Architecture name, widths, depth and parameter count (for logs and model metadata)."""
+        ...
+
     def make_optimizer(
-        self, total_epochs: int
+        self, total_epochs: int, lr: float | None = None
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         """The architecture's reference optimiser and per-epoch learning-rate schedule."""
         ...

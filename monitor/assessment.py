@@ -169,16 +169,29 @@ class Assessor:
 
 
 def fit_population_fences(
-    scored: Iterable[ScoredCase], strategy: Any, group: Callable[[ScoredCase], str]
+    scored: Iterable[ScoredCase],
+    strategy: Any,
+    group: Callable[[ScoredCase], str],
+    *,
+    skip_unfittable: bool = False,
 ) -> dict[str, Any]:
-    """Fit fences per group (e.g. phase) on each case's best pDC/pHD over candidates."""
+    """Fit fences per group (e.g. phase) on each case's best pDC/pHD over candidates.
+
+    With ``skip_unfittable`` a group whose scores cannot give fences (e.g. every case has an
+    empty structure) is logged and left out instead of raising ``ValueError``.
+    """
     groups: dict[str, list[tuple[float, float, bool]]] = {}
     for s in scored:
         groups.setdefault(group(s), []).append(s.best())
     fences = {}
     for name, values in groups.items():
         pdc, phd, pen = zip(*values, strict=True)
-        fences[name] = strategy.fit(list(pdc), list(phd), penalised=list(pen))
+        try:
+            fences[name] = strategy.fit(list(pdc), list(phd), penalised=list(pen))
+        except ValueError as exc:
+            if not skip_unfittable:
+                raise
+            log.warning("no fences for group %s: %s", name, exc)
     return fences
 
 

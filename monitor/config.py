@@ -121,6 +121,12 @@ class TrainingConfig(_Section):
     lr: float | None = Field(
         default=None, gt=0, description="Learning rate; null uses the architecture's default."
     )
+    min_steps: int = Field(
+        default=0,
+        ge=0,
+        description="Train at least this many optimisation steps: epochs are raised for small "
+        "slice sets (a long-axis view has one slice per case).",
+    )
 
 
 class QCConfig(_Section):
@@ -134,6 +140,12 @@ class QCConfig(_Section):
     )
     epochs: int = Field(default=40, gt=0, description="Training epochs of the QC module.")
     batch_size: int = Field(default=16, gt=0, description="Masks per batch.")
+    min_steps: int = Field(
+        default=600,
+        ge=0,
+        description="Train at least this many optimisation steps: epochs are raised for small "
+        "mask sets (a long-axis view has one slice per case).",
+    )
 
 
 class AssessmentConfig(_Section):

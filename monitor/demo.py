@@ -98,20 +98,31 @@ def evaluate_run(run: Path, data: Path, cfg: QcloopConfig) -> list[CaseEvaluatio
 
 
 def run_demo(
-    out: str | Path, *, quick: bool = False, seed: int = 0, workers: int | None = None
+    out: str | Path,
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    workers: int | None = None,
+    preset: str | None = None,
+    config: QcloopConfig | None = None,
 ) -> dict[str, Any]:
-    """Run the whole demo into ``out``; returns the ablation tables (also written to disk)."""
+    """Run the whole demo into ``out``; returns the ablation tables (also written to disk).
+
+    ``preset`` and ``config`` override the phantom preset and configuration that ``quick``
+    chooses (tests use the tiny preset with tiny networks).
+    """
     from qcloop.monitor.phantoms import write_cohort
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    cfg = demo_config(quick, seed)
+    cfg = config or demo_config(quick, seed)
+    preset = preset or ("small" if quick else "default")
     atomic.write_text(out / "config.yaml", dump_config(cfg))
 
     data = out / "data"
-    write_cohort(data, preset="small" if quick else "default", seed=seed, workers=workers)
+    write_cohort(data, preset=preset, seed=seed, workers=workers)
     timings["phantoms"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -136,7 +147,7 @@ def run_demo(
         "command": f"qcloop demo{' --quick' if quick else ''} --out {out}",
         "seconds": seconds,
         "timings_s": timings,
-        "preset": "small" if quick else "default",
+        "preset": preset,
         "seed": seed,
     }
     result = {**tables, "meta": meta}

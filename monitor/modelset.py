@@ -124,14 +124,21 @@ def load_model_set(run: str | Path, view: str, config: QcloopConfig | None = Non
     return ModelSet(view=view, candidates=candidates, candidate_info=entries, qc=qc, fences=fences)
 
 
-def qc_params(cfg: QcloopConfig, view: str) -> dict[str, Any]:
-    """QC-module parameters with the input size and input kind filled in from the config."""
+def qc_params(cfg: QcloopConfig, view: str, n_masks: int | None = None) -> dict[str, Any]:
+    """QC-module parameters with input size, input kind and schedule filled in from the config.
+
+    With ``n_masks`` (the training-set size) the epochs are raised so that training runs at
+    least ``qc.min_steps`` optimisation steps.
+    """
     params = {
         "input_size": cfg.preprocessing.size,
         "input": cfg.qc.input,
         "epochs": cfg.qc.epochs,
         "batch_size": cfg.qc.batch_size,
     }
+    if n_masks:
+        steps_per_epoch = max(1, -(-n_masks // cfg.qc.batch_size))
+        params["epochs"] = max(cfg.qc.epochs, -(-cfg.qc.min_steps // steps_per_epoch))
     params.update(cfg.qc.module.params)
     return params
 

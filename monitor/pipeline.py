@@ -26,6 +26,7 @@ from qcloop.monitor.data import Case, CaseError, CaseSource, discover, load_case
 from qcloop.monitor.data.preprocess import Prepared, Preprocessor
 from qcloop.monitor.modelset import (
     ModelSet,
+    RunError,
     build_qc_module,
     build_segmenter,
     load_model_set,
@@ -123,11 +124,17 @@ def split_labelled(
     )
 
 
-def train_settings(cfg: QcloopConfig) -> TrainSettings:
-    """Training settings from the configuration."""
+def train_settings(cfg: QcloopConfig, n_slices: int | None = None) -> TrainSettings:
+    """Training settings from the configuration; with ``n_slices`` the epochs are raised so
+    that training runs at least ``training.min_steps`` optimisation steps."""
     t = cfg.training
+    epochs = t.epochs
+    if n_slices:
+        per_epoch = min(n_slices, t.max_slices_per_epoch or n_slices)
+        steps_per_epoch = max(1, per_epoch // t.batch_size)
+        epochs = max(epochs, -(-t.min_steps // steps_per_epoch))
     return TrainSettings(
-        epochs=t.epochs,
+        epochs=epochs,
         batch_size=t.batch_size,
         m_best=t.m_best,
         val_every=t.val_every,
@@ -203,14 +210,16 @@ def train_run(
             len(val),
         )
         meta = {"segmenter": cfg.segmenter.name, "params": cfg.segmenter.params, "view": view}
-        result = train_segmenter(model, slices, val, train_settings(cfg), view_dir, model_meta=meta)
+        result = train_segmenter(
+            model, slices, val, train_settings(cfg, len(slices)), view_dir, model_meta=meta
+        )
         atomic.write_json(
             view_dir / "candidates.json",
             [{**c.to_dict(), "view": view} for c in result.checkpoints],
         )
         atomic.write_json(view_dir / "training" / "history.json", result.history)
 
-        qc = build_qc_module(cfg.qc.module.name, qc_params(cfg, view))
+        qc = build_qc_module(cfg.qc.module.name, qc_params(cfg, view, len(slices)))
         qc_history = qc.fit(slices.labels, np.concatenate([v.labels for v in val]), seed=cfg.seed)
         atomic.torch_save(qc.state_dict(), view_dir / "qc.pt")
         atomic.write_json(view_dir / "training" / "qc_history.json", _jsonable(qc_history))
@@ -236,8 +245,13 @@ def calibrate_reference_fences(
     assessor = make_assessor(model_set, cfg)
     scored = [assessor.score(c.key, c.prepared.image, c.net_spacing)[0] for c in val_cases]
     strategy = threshold_strategy(cfg)
-    fences = fit_population_fences(scored, strategy, _phase)
-    fences["all"] = fit_population_fences(scored, strategy, lambda s: "all")["all"]
+    fences = fit_population_fences(scored, strategy, _phase, skip_unfittable=True)
+    fences.update(fit_population_fences(scored, strategy, lambda s: "all", skip_unfittable=True))
+    if "all" not in fences:
+        raise RunError(
+            f"{model_set.view}: reference fences cannot be calibrated on the validation cases; "
+            "the model set fails them (train longer) or use population: transductive"
+        )
     return fences
 
 
@@ -285,7 +299,17 @@ def assess_prepared(
         if on_case is not None:
             on_case(Assessed(item, scored, probs))
     if transductive and scored_all:
-        fences = fit_population_fences(scored_all, threshold_strategy(cfg), _phase)
+        strategy = threshold_strategy(cfg)
+        fences = fit_population_fences(scored_all, strategy, _phase, skip_unfittable=True)
+        missing = {_phase(s) for s in scored_all} - set(fences)
+        if missing:
+            # a phase whose every case is penalised is judged with the pooled fences
+            fences.update(
+                {
+                    p: fit_population_fences(scored_all, strategy, lambda s: "all")["all"]
+                    for p in missing
+                }
+            )
         for item, scored in zip(cases, scored_all, strict=True):
             scored.judge(fences[_phase(scored)])
             if on_case is not None:

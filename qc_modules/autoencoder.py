@@ -132,6 +132,8 @@ class AutoencoderQC:
         balanced_loss: start with the balanced loss (otherwise it is switched on at collapse).
         collapse_warmup: first epoch at which collapse is checked.
         collapse_patience: epochs a collapse may last before a restart.
+        collapse_warmup_steps, collapse_patience_steps: floors of the two above in optimisation
+            steps (they matter for small mask sets, where an epoch is one or two steps).
         collapse_dice: a class whose argmax reconstruction Dice falls below this is collapsed.
         collapse_fraction: so is a class whose predicted area falls below this fraction of its
             true area.
@@ -155,6 +157,8 @@ class AutoencoderQC:
         balanced_loss: bool = False,
         collapse_warmup: int = 5,
         collapse_patience: int = 3,
+        collapse_warmup_steps: int = 60,
+        collapse_patience_steps: int = 30,
         collapse_dice: float = 0.1,
         collapse_fraction: float = 0.1,
         max_restarts: int = 2,
@@ -188,6 +192,8 @@ class AutoencoderQC:
         self.balanced_loss = balanced_loss
         self.collapse_warmup = collapse_warmup
         self.collapse_patience = collapse_patience
+        self.collapse_warmup_steps = collapse_warmup_steps
+        self.collapse_patience_steps = collapse_patience_steps
         self.collapse_dice = collapse_dice
         self.collapse_fraction = collapse_fraction
         self.max_restarts = max_restarts
@@ -217,6 +223,8 @@ class AutoencoderQC:
             "balanced_loss": self.balanced_loss,
             "collapse_warmup": self.collapse_warmup,
             "collapse_patience": self.collapse_patience,
+            "collapse_warmup_steps": self.collapse_warmup_steps,
+            "collapse_patience_steps": self.collapse_patience_steps,
             "collapse_dice": self.collapse_dice,
             "collapse_fraction": self.collapse_fraction,
             "max_restarts": self.max_restarts,
@@ -237,6 +245,8 @@ class AutoencoderQC:
             balanced_loss=self.balanced_loss,
             collapse_warmup=self.collapse_warmup,
             collapse_patience=self.collapse_patience,
+            collapse_warmup_steps=self.collapse_warmup_steps,
+            collapse_patience_steps=self.collapse_patience_steps,
             collapse_dice=self.collapse_dice,
             collapse_fraction=self.collapse_fraction,
             max_restarts=self.max_restarts,

@@ -53,6 +53,8 @@ class TrainingConfig:
     balanced_loss: bool
     collapse_warmup: int
     collapse_patience: int
+    collapse_warmup_steps: int
+    collapse_patience_steps: int
     collapse_dice: float
     collapse_fraction: float
     max_restarts: int
@@ -290,6 +292,11 @@ def _run_attempt(
             )
         raise _Restart
 
+    # warm-up and patience are counted in epochs, with a floor in optimisation steps so that a
+    # small mask set (one long-axis slice per case) is not judged after a handful of steps
+    steps_per_epoch = max(1, -(-n // cfg.batch_size))
+    warmup = max(cfg.collapse_warmup, -(-cfg.collapse_warmup_steps // steps_per_epoch))
+    patience = max(cfg.collapse_patience, -(-cfg.collapse_patience_steps // steps_per_epoch))
     for epoch in progress(range(1, cfg.epochs + 1), desc=f"QC autoencoder (attempt {attempt})"):
         net.train()
         sums: dict[str, float] = {}
@@ -328,7 +335,7 @@ def _run_attempt(
             streak_start = None
             continue
         last_epoch = epoch == cfg.epochs
-        if epoch < cfg.collapse_warmup and not last_epoch:
+        if epoch < warmup and not last_epoch:
             continue
         if streak_start is None:
             streak_start = epoch
@@ -350,5 +357,5 @@ def _run_attempt(
                     agreement.collapsed,
                 )
                 continue
-        if epoch - streak_start >= cfg.collapse_patience or last_epoch:
+        if epoch - streak_start >= patience or last_epoch:
             escalate(epoch, agreement, "collapsed classes")

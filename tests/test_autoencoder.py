@@ -208,9 +208,20 @@ def test_pseudo_dice_ranks_corrupted_masks_below_clean_ones(trained, test_masks,
 
 # ------------------------------------------------------------------ collapse
 
+#: these tests count warm-up and patience in epochs only
+NO_STEP_FLOORS = {"collapse_warmup_steps": 0, "collapse_patience_steps": 0}
+
+
+def test_step_floors_delay_collapse_checks_on_small_mask_sets(train_masks):
+    # 16 masks at batch 8 are 2 steps an epoch: with a 60-step warm-up floor the deliberate
+    # collapse is first judged at epoch 30, not at the nominal warm-up epoch 2
+    qc = AutoencoderQC(**FAST, epochs=31, collapse_warmup=2, collapse_patience=1)
+    history = qc.fit(train_masks[:16], seed=0, start_collapsed=True)
+    assert history["collapse_events"][0]["epoch"] == 30
+
 
 def test_collapse_is_detected_and_escaped_by_a_restart(train_masks, test_masks):
-    qc = AutoencoderQC(**FAST, epochs=8, collapse_warmup=4, collapse_patience=1)
+    qc = AutoencoderQC(**FAST, epochs=8, collapse_warmup=4, collapse_patience=1, **NO_STEP_FLOORS)
     history = qc.fit(train_masks[:128], seed=0, start_collapsed=True)
     events = history["collapse_events"]
     # all-background is detected after the warm-up; the balanced loss cannot pull a saturated
@@ -236,7 +247,12 @@ def test_collapse_is_detected_and_escaped_by_a_restart(train_masks, test_masks):
 
 def test_pathological_lr_collapses_and_raises(train_masks):
     qc = AutoencoderQC(
-        **{**FAST, "lr": 10.0}, epochs=3, collapse_warmup=1, collapse_patience=1, max_restarts=1
+        **{**FAST, "lr": 10.0},
+        epochs=3,
+        collapse_warmup=1,
+        collapse_patience=1,
+        max_restarts=1,
+        **NO_STEP_FLOORS,
     )
     with pytest.raises(CollapseError, match="collapsed") as err:
         qc.fit(train_masks[:96], seed=0)

@@ -52,12 +52,14 @@ EXPECTED_DEFAULT: dict[str, Any] = {
         "augmentation": {"flip": True, "rotation_deg": 15.0, "scale": [0.85, 1.15]},
         "max_slices_per_epoch": None,
         "lr": None,
+        "min_steps": 0,
     },
     "qc": {
         "module": {"name": "autoencoder", "params": {}},
         "input": "softmax",
         "epochs": 40,
         "batch_size": 16,
+        "min_steps": 600,
     },
     "assessment": {
         "decision_structure": "RV",

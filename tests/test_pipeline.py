@@ -1,0 +1,209 @@
+"""The QC loop end to end on a tiny phantom cohort: train, assess, predict, refine, and the demo's
+ablation. Slow (tens of seconds); part of CI."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from qcloop.monitor.cli import cli
+from qcloop.monitor.config import QcloopConfig, save_config
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_config() -> QcloopConfig:
+    return QcloopConfig.model_validate(
+        {
+            "seed": 0,
+            "preprocessing": {"size": 64, "target_spacing_mm": 4.0},
+            "segmenter": {"name": "bn2", "params": {"base_width": 8, "depth": 4}},
+            "training": {
+                "epochs": 4,
+                "batch_size": 8,
+                "m_best": 2,
+                "max_slices_per_epoch": 64,
+                "min_steps": 300,
+            },
+            "qc": {
+                "module": {
+                    "name": "autoencoder",
+                    "params": {
+                        "width_scale": 0.25,
+                        "latent_channels": 32,
+                        "dropout": 0.1,
+                        "lr": 2e-3,
+                    },
+                },
+                "epochs": 30,
+                "batch_size": 8,
+                "min_steps": 150,
+            },
+            "refinement": {
+                "refiner": {"name": "alpha", "params": {"max_slices_per_epoch": 16}},
+                "k_semi": 1,
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    from qcloop.monitor.phantoms import write_cohort
+
+    root = tmp_path_factory.mktemp("tiny")
+    write_cohort(root / "data", preset="tiny", seed=0, workers=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(cohort):
+    cfg_path = cohort / "config.yaml"
+    save_config(tiny_config(), cfg_path)
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--data",
+            str(cohort / "data"),
+            "--out",
+            str(cohort / "run"),
+            "--config",
+            str(cfg_path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    return cohort
+
+
+def test_train_writes_a_loadable_model_set(trained) -> None:
+    run = trained / "run"
+    info = json.loads((run / "run.json").read_text())
+    assert set(info["views"]) == {"SA", "LA"}
+    for view in ("SA", "LA"):
+        entries = json.loads((run / view / "candidates.json").read_text())
+        assert len(entries) == 2
+        assert entries[0]["val_dice"] >= entries[1]["val_dice"]
+        fences = json.loads((run / view / "fences.json").read_text())
+        assert {"ED", "ES", "all"} <= set(fences)
+        assert (run / view / "qc.pt").exists()
+
+
+def test_assess_and_predict(trained, tmp_path) -> None:
+    data, run = trained / "data", trained / "run"
+    out = tmp_path / "pred"
+    result = CliRunner().invoke(
+        cli, ["predict", "--data", str(data), "--run", str(run), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cases"] == len(records) > 0
+    rec = records[0]
+    assert {"subject", "view", "phase", "candidates", "fences", "ood", "selection"} <= set(rec)
+    assert len(rec["candidates"]) == 2 and set(rec["candidates"][0]) == {"LV", "MYO", "RV"}
+    for r in records:
+        for c in r["candidates"]:
+            for s in c.values():
+                assert np.isfinite(s["pdc"]) and np.isfinite(s["phd_mm"])
+    # masks on the original grid with the original affine
+    first = records[0]
+    mask = nib.load(first["mask"])
+    image = nib.load(first["image"])
+    assert mask.shape == image.shape
+    assert np.allclose(mask.affine, image.affine)
+    assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2, 3}
+
+
+def test_a_bad_case_is_reported_and_the_others_kept(trained, tmp_path) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(trained / "data", data)
+    victim = sorted(data.glob("*/*_SA_ED.nii.gz"))[0]
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated gzip
+    out = tmp_path / "assess"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "assess",
+            "--data",
+            str(data),
+            "--run",
+            str(trained / "run"),
+            "--out",
+            str(out),
+            "--view",
+            "SA",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["path"] for s in summary["skipped"]] == [str(victim)]
+    n_sa = len(list(data.glob("*/*_SA_E[DS].nii.gz")))
+    assert summary["cases"] == n_sa - 1
+
+
+def test_refine_writes_a_new_model_set_beside_the_original(trained, tmp_path) -> None:
+    run, out = trained / "run", tmp_path / "refined"
+    before = {p: p.read_bytes() for p in run.rglob("*.pt")}
+    result = CliRunner().invoke(
+        cli,
+        [
+            "refine",
+            "--data",
+            str(trained / "data"),
+            "--run",
+            str(run),
+            "--out",
+            str(out),
+            "--view",
+            "SA",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert {p: p.read_bytes() for p in run.rglob("*.pt")} == before  # the original is untouched
+    info = json.loads((out / "run.json").read_text())
+    assert info["kind"] == "refined" and info["parent"] == str(run.resolve())
+    entries = json.loads((out / "SA" / "candidates.json").read_text())
+    assert len(entries) == 2 and all((out / "SA" / e["path"]).exists() for e in entries)
+    result = CliRunner().invoke(
+        cli,
+        [
+            "assess",
+            "--data",
+            str(trained / "data"),
+            "--run",
+            str(out),
+            "--out",
+            str(tmp_path / "a2"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+
+
+def test_demo_ablation_schema(tmp_path) -> None:
+    from qcloop.monitor.demo import run_demo
+
+    result = run_demo(tmp_path / "demo", preset="tiny", config=tiny_config(), workers=1)
+    saved = json.loads((tmp_path / "demo" / "ablation.json").read_text())
+    assert saved["rows"] == result["rows"]
+    configs = {(r["config"], r["vendor"], r["view"]) for r in saved["rows"]}
+    for vendor in "ABC":
+        for view in ("SA", "LA"):
+            for config in ("M", "M+QC", "full"):
+                assert (config, vendor, view) in configs
+    for r in saved["rows"]:
+        assert r["structure"] in {"RV", "LV", "MYO"} and r["n_cases"] > 0
+        assert 0 <= r["dice"] <= 1 and np.isfinite(r["hd_mm"])
+    for q in saved["qc"]:
+        assert {"vendor", "view", "structure", "pearson_dice", "pearson_hd"} <= set(q)
+    for o in saved["ood"]:
+        assert 0 <= o["flagged"] <= o["n_cases"]
+    md = (tmp_path / "demo" / "ablation.md").read_text()
+    assert "| A | SA | RV |" in md
+    assert (tmp_path / "demo" / "run" / "SA" / "candidates.json").exists()

@@ -106,6 +106,7 @@ def pseudo_metrics(
     spacing: Sequence[float],
     *,
     voxel_units: bool = False,
+    structures: Sequence[str] = STRUCTURE_NAMES,
 ) -> dict[str, StructureScores]:
     """pDC/pHD per structure between a predicted label stack and its QC reconstruction.
 
@@ -113,7 +114,9 @@ def pseudo_metrics(
     acquisition: it gets the penalty (pDC 0, pHD = field-of-view diagonal) even when the
     reconstruction is empty too, so an all-empty prediction is always flagged.
     """
-    scores = compute_metrics(labels, reconstruction, spacing, voxel_units=voxel_units)
+    scores = compute_metrics(
+        labels, reconstruction, spacing, voxel_units=voxel_units, structures=tuple(structures)
+    )
     present = {name: bool(np.any(labels == _label(name))) for name in scores}
     if all(present.values()):
         return scores

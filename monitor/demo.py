@@ -68,7 +68,7 @@ def demo_config(quick: bool, seed: int = 0) -> QcloopConfig:
                     "params": {"width_scale": 0.5, "dropout": 0.2, "lr": 1e-3},
                 },
                 "input": "softmax",
-                "epochs": 20,
+                "epochs": 4 if quick else 5,
                 "batch_size": 16,
                 "min_steps": 300 if quick else 500,
             },
@@ -80,7 +80,7 @@ def demo_config(quick: bool, seed: int = 0) -> QcloopConfig:
             "refinement": {
                 "refiner": {
                     "name": "alpha",
-                    "params": {"max_slices_per_epoch": 64 if quick else 128},
+                    "params": {"max_slices_per_epoch": 64 if quick else 96},
                 },
                 "k_semi": 3,
             },

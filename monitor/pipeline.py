@@ -475,15 +475,22 @@ def count_still_ood(
     assessor: Assessor, model: Any, flagged: Sequence[Assessed], fences: Sequence[Any]
 ) -> int:
     """How many flagged cases one candidate still leaves outside its fences."""
-    from qcloop.monitor.assessment import decision_value, pseudo_metrics
+    from qcloop.monitor.assessment import STRUCTURE_NAMES, decision_value, pseudo_metrics
     from qcloop.monitor.training import predict_probabilities
 
+    # only the decision structure matters here: skip the other structures' distances
+    decision = assessor.decision_structure
+    structures = STRUCTURE_NAMES if decision == "mean" else (decision,)
     n = 0
     for a, f in zip(flagged, fences, strict=True):
         probs = predict_probabilities(model, a.item.prepared.image)
         recon = assessor.model_set.qc.reconstruct(probs)
         scores = pseudo_metrics(
-            probs.argmax(1), recon.argmax(1), a.item.net_spacing, voxel_units=assessor.voxel_units
+            probs.argmax(1),
+            recon.argmax(1),
+            a.item.net_spacing,
+            voxel_units=assessor.voxel_units,
+            structures=structures,
         )
         pdc, phd, _ = decision_value(scores, assessor.decision_structure)
         n += int(f.is_outlier(pdc, phd))

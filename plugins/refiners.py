@@ -114,20 +114,22 @@ class AlphaRefiner:
         history["stopped"] = "k_semi reached"
         for k in range(1, self.k_semi + 1):
             alpha = 1.0 / k
-            pseudo = _pseudo_labels(model, qc, x_u_all, self.batch_size)
-            model.train()
             n_u = len(x_u_all)
             order = torch.randperm(n_u, generator=gen)[: self.max_slices_per_epoch or n_u]
+            # pseudo labels R(M(x)) of this epoch's slices, from the model as it starts the epoch
+            pseudo = _pseudo_labels(model, qc, x_u_all[order], self.batch_size)
+            model.train()
             losses = []
             for i in range(0, len(order), self.batch_size):
                 idx = order[i : i + self.batch_size]
+                target = pseudo[i : i + self.batch_size]
                 lab = torch.randint(0, len(x_l_all), (max(len(idx), 2),), generator=gen)
                 x = torch.cat([x_u_all[idx], x_l_all[lab]])
                 outputs = model(x)
                 outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
                 nu = len(idx)
                 probs_u = torch.softmax(outputs[0][:nu], dim=1)
-                l_semi = weighted_generalised_dice(probs_u, pseudo[idx], self.class_weights)
+                l_semi = weighted_generalised_dice(probs_u, target, self.class_weights)
                 l_sup = sup([o[nu:] for o in outputs], y_l_all[lab], ds_weights)
                 loss = alpha * l_semi + l_sup
                 opt.zero_grad(set_to_none=True)

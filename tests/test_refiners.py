@@ -23,23 +23,14 @@ from tests.helpers import heart_slices
 
 
 class OracleQC:
-    """A stand-in QC module whose reconstruction is the true mask of the flagged images: it lets
-    the test check that refinement follows the pseudo label."""
+    """A stand-in QC module whose reconstruction is the true mask of the flagged slices (they
+    all share one heart): it lets the test check that refinement follows the pseudo label."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
-        self.lookup = {im.tobytes(): lab for im, lab in zip(images, labels, strict=True)}
-        self.images = images
-        self.labels = labels
+    def __init__(self, label: np.ndarray) -> None:
+        self.target = one_hot(torch.from_numpy(label[None].astype(np.int64)), 4).numpy()
 
     def reconstruct(self, probabilities: np.ndarray) -> np.ndarray:
-        # the refiner reconstructs predictions of the flagged slices in order, in batches
-        n = len(probabilities)
-        start = self._cursor
-        self._cursor = (self._cursor + n) % len(self.labels)
-        labels = torch.from_numpy(self.labels[start : start + n].astype(np.int64))
-        return one_hot(labels, 4).numpy()
-
-    _cursor = 0
+        return np.repeat(self.target, len(probabilities), axis=0)
 
 
 def _dice(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
@@ -90,7 +81,7 @@ def test_alpha_refiner_follows_pseudo_labels_and_is_deterministic(setup) -> None
     for _ in range(2):
         m = copy.deepcopy(model)
         history = AlphaRefiner(k_semi=3, lr=1e-3, seed=5).refine(
-            m, OracleQC(x_u, y_u), flagged, labelled, still_ood
+            m, OracleQC(y_u[0]), flagged, labelled, still_ood
         )
         runs.append(m)
         assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3]
@@ -107,12 +98,12 @@ def test_alpha_refiner_stops_when_nothing_is_ood(setup) -> None:
     m = copy.deepcopy(model)
     calls = iter([3, 0])  # before refinement: 3 OoD; after epoch 1: none
     history = AlphaRefiner(k_semi=5, seed=0).refine(
-        m, OracleQC(x_u, y_u), FlaggedSet([x_u]), labelled, lambda _: next(calls)
+        m, OracleQC(y_u[0]), FlaggedSet([x_u]), labelled, lambda _: next(calls)
     )
     assert len(history["epochs"]) == 1 and history["stopped"] == "no OoD case left"
     untouched = copy.deepcopy(model)
     history = AlphaRefiner(k_semi=5).refine(
-        untouched, OracleQC(x_u, y_u), FlaggedSet([x_u]), labelled, lambda _: 0
+        untouched, OracleQC(y_u[0]), FlaggedSet([x_u]), labelled, lambda _: 0
     )
     assert history["epochs"] == [] and all(
         torch.equal(v, model.state_dict()[k]) for k, v in untouched.state_dict().items()
@@ -130,7 +121,7 @@ def test_blend_refiner_changes_weights_deterministically(setup) -> None:
     for _ in range(2):
         m = copy.deepcopy(model)
         history = BlendRefiner(epochs=2, max_slices_per_epoch=16, seed=1).refine(
-            m, OracleQC(x_u, y_u), flagged, labelled, lambda _: 1
+            m, OracleQC(y_u[0]), flagged, labelled, lambda _: 1
         )
         assert len(history["epochs"]) == 2
         states.append(m.state_dict())
@@ -142,5 +133,5 @@ def test_blend_refiner_changes_weights_deterministically(setup) -> None:
     )
     with pytest.raises(ValueError, match="QC-selected"):
         BlendRefiner().refine(
-            copy.deepcopy(model), OracleQC(x_u, y_u), FlaggedSet([x_u]), labelled, lambda _: 1
+            copy.deepcopy(model), OracleQC(y_u[0]), FlaggedSet([x_u]), labelled, lambda _: 1
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from qcloop.monitor.modelset import load_model_set
 from qcloop.monitor.pipeline import (
     Assessed,
     assess_prepared,
+    flag_collector,
     load_prepared,
     make_preprocessor,
     refine_run,
@@ -56,7 +58,7 @@ def demo_config(quick: bool, seed: int = 0) -> QcloopConfig:
             "preprocessing": {"size": size, "target_spacing_mm": spacing},
             "segmenter": {"name": "bn2", "params": {"base_width": 8, "depth": depth}},
             "training": {
-                "epochs": 15 if quick else 30,
+                "epochs": 15 if quick else 26,
                 "batch_size": 8,
                 "m_best": 3,
                 "max_slices_per_epoch": 160,
@@ -70,7 +72,7 @@ def demo_config(quick: bool, seed: int = 0) -> QcloopConfig:
                 "input": "softmax",
                 "epochs": 4 if quick else 5,
                 "batch_size": 16,
-                "min_steps": 300 if quick else 500,
+                "min_steps": 300 if quick else 400,
             },
             "assessment": {
                 "decision_structure": "RV",
@@ -82,24 +84,38 @@ def demo_config(quick: bool, seed: int = 0) -> QcloopConfig:
                     "name": "alpha",
                     "params": {"max_slices_per_epoch": 64 if quick else 96},
                 },
-                "k_semi": 3,
+                "k_semi": 2,
             },
         }
     )
 
 
-def evaluate_run(run: Path, data: Path, cfg: QcloopConfig) -> list[CaseEvaluation]:
-    """True and pseudo metrics of every test case, for the best candidate and the selection."""
+def evaluate_run(
+    run: Path,
+    data: Path,
+    cfg: QcloopConfig,
+    flagged: dict[str, tuple[int, list[Assessed]]] | None = None,
+) -> list[CaseEvaluation]:
+    """True and pseudo metrics of every test case, for the best candidate and the selection.
+
+    With ``flagged``, each view's (case count, OoD cases) is stored there for the refinement.
+    """
     evals: list[CaseEvaluation] = []
     for view in cfg.views:
         model_set = load_model_set(run, view, cfg)
         pre = make_preprocessor(cfg, getattr(model_set.best, "divisor", 1))
         cases = load_prepared(sources_for(data, [view], TEST_SPLIT), pre)
+        ood: list[Assessed] = []
+        keep_ood = flag_collector(ood)
 
-        def collect(a: Assessed) -> None:
+        def collect(a: Assessed, keep_ood: Callable[[Assessed], None] = keep_ood) -> None:
             evals.append(evaluate_assessed(a))
+            if flagged is not None:
+                keep_ood(a)
 
         assess_prepared(model_set, cases, cfg, collect)
+        if flagged is not None:
+            flagged[view] = (len(cases), ood)
     return evals
 
 
@@ -136,11 +152,15 @@ def run_demo(
     timings["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    base = evaluate_run(out / "run", data, cfg)
+    flagged: dict[str, tuple[int, list[Assessed]]] = {}
+    base = evaluate_run(out / "run", data, cfg, flagged)
     timings["assess"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    refine_run(data, out / "run", out / "run-refined", cfg, where=TEST_SPLIT)
+    refine_run(
+        data, out / "run", out / "run-refined", cfg, where=TEST_SPLIT, assessed_by_view=flagged
+    )
+    del flagged
     timings["refine"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -370,9 +370,13 @@ def refine_run(
     labelled_dir: str | Path | None = None,
     views: Sequence[str] | None = None,
     where: dict[str, Any] | None = None,
+    assessed_by_view: dict[str, tuple[int, list[Assessed]]] | None = None,
 ) -> dict[str, Any]:
     """Refine every candidate on the OoD cases of ``data_dir``; save the refined set in
-    ``out_run`` beside (never over) ``run_dir``."""
+    ``out_run`` beside (never over) ``run_dir``.
+
+    ``assessed_by_view`` reuses assessments of ``data_dir`` already made with ``run_dir`` (see
+    :func:`refine_view`)."""
     run, out = Path(run_dir), Path(out_run)
     if out.resolve() == run.resolve():
         raise ValueError(f"{out}: refined models go beside the original run, not over it")
@@ -391,7 +395,9 @@ def refine_run(
         "views": {},
     }
     for view in views:
-        info["views"][view] = refine_view(view, run, out, cfg, data_dir, labelled_dir, where)
+        info["views"][view] = refine_view(
+            view, run, out, cfg, data_dir, labelled_dir, where, (assessed_by_view or {}).get(view)
+        )
     atomic.write_json(out / "run.json", info)
     return info
 
@@ -404,22 +410,25 @@ def refine_view(
     data_dir: str | Path,
     labelled_dir: str | Path,
     where: dict[str, Any] | None = None,
+    assessed: tuple[int, list[Assessed]] | None = None,
 ) -> dict[str, Any]:
-    """Refine the candidates of one view on its flagged cases; write them under ``out/view``."""
+    """Refine the candidates of one view on its flagged cases; write them under ``out/view``.
+
+    ``assessed`` = (number of cases, flagged cases as kept by :func:`flag_collector`) reuses an
+    assessment already made with this run instead of assessing ``data_dir`` again.
+    """
     from qcloop.monitor.plugins import get_plugin_manager
     from qcloop.plugins.refiners import FlaggedSet
 
     rc = cfg.refinement.refiner
     model_set = load_model_set(run, view, cfg)
     pre = make_preprocessor(cfg, getattr(model_set.best, "divisor", 1))
-    cases = load_prepared(sources_for(data_dir, [view], where), pre)
-    flagged_items: list[Assessed] = []
-
-    def keep(a: Assessed) -> None:
-        if a.scored.ood:
-            flagged_items.append(Assessed(a.item, a.scored, [_selected(a).astype(np.float32)]))
-
-    scored = assess_prepared(model_set, cases, cfg, keep)
+    if assessed is None:
+        flagged_items: list[Assessed] = []
+        cases = load_prepared(sources_for(data_dir, [view], where), pre)
+        n_cases = len(assess_prepared(model_set, cases, cfg, flag_collector(flagged_items)))
+    else:
+        n_cases, flagged_items = assessed
     flagged = FlaggedSet(
         images=[a.item.prepared.image for a in flagged_items],
         selected=[a.probs[0] for a in flagged_items],
@@ -454,15 +463,25 @@ def refine_view(
         view,
         len(refined),
         len(flagged_items),
-        len(scored),
+        n_cases,
     )
     return {
-        "cases": len(scored),
+        "cases": n_cases,
         "flagged": len(flagged_items),
         "refiner": rc.name,
         "flagged_keys": [f"{a.item.case.key}" for a in flagged_items],
         "history": _jsonable(histories),
     }
+
+
+def flag_collector(flagged: list[Assessed]) -> CaseCallback:
+    """A case callback that keeps each OoD case with its QC-selected map (what refiners need)."""
+
+    def keep(a: Assessed) -> None:
+        if a.scored.ood:
+            flagged.append(Assessed(a.item, a.scored, [_selected(a).astype(np.float32)]))
+
+    return keep
 
 
 def _selected(a: Assessed) -> np.ndarray:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from qcloop.monitor import __version__, atomic
 from qcloop.monitor.assessment import Assessor, ScoredCase, fit_population_fences
@@ -191,6 +192,8 @@ def train_run(
         train_src, val_src = split_labelled(sources, seed=cfg.seed)
         if not train_src or not val_src:
             raise CaseError(data_dir, f"no labelled {view} cases to train and validate on")
+        # seed the initial weights per view, so a view's result does not depend on the others
+        torch.manual_seed(cfg.seed)
         model = build_segmenter(cfg.segmenter.name, cfg.segmenter.params)
         pre = make_preprocessor(cfg, getattr(model, "divisor", 1))
         errors: list[CaseError] = []

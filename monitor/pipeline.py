@@ -536,7 +536,9 @@ def assess_run(
     original affine and header. Bad cases are reported in the summary and skipped.
     """
     from qcloop.monitor.data import save_label_map
+    from qcloop.monitor.plugins import get_plugin_manager
 
+    pm = get_plugin_manager()
     run, out = Path(run_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_run_config(run)
@@ -552,8 +554,10 @@ def assess_run(
 
         def emit(a: Assessed) -> None:
             rec = a.scored.to_record()
-            if a.item.case.gt is not None:
+            labels = None
+            if a.item.case.gt is not None or write_masks:
                 labels = restore_labels(a.item, _selected(a))
+            if a.item.case.gt is not None:
                 rec["true_selected"] = {
                     s: {"dice": v.dice, "hd_mm": v.hd}
                     for s, v in compute_true(labels, a.item.case).items()
@@ -561,9 +565,10 @@ def assess_run(
             if write_masks:
                 src = a.item.case.source
                 path = out / "masks" / f"{src.subject}_{src.view}_{src.phase}_pred.nii.gz"
-                save_label_map(path, restore_labels(a.item, _selected(a)), a.item.case)
+                save_label_map(path, labels, a.item.case)
                 rec["mask"] = str(path)
             records.append(rec)
+            pm.notify_case_scored(rec)  # one broadcast per case, after the work is done
 
         scored = assess_prepared(model_set, cases, cfg, emit)
         per_view[view] = {

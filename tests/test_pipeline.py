@@ -207,3 +207,41 @@ def test_demo_ablation_schema(tmp_path) -> None:
     md = (tmp_path / "demo" / "ablation.md").read_text()
     assert "| A | SA | RV |" in md
     assert (tmp_path / "demo" / "run" / "SA" / "candidates.json").exists()
+
+
+def test_assess_broadcasts_case_scored_events(trained, tmp_path) -> None:
+    from qcloop.monitor import hookimpl
+    from qcloop.monitor.plugins import get_plugin_manager
+
+    seen: list[dict] = []
+
+    class Listener:
+        @hookimpl
+        def on_case_scored(self, record: dict) -> None:
+            seen.append(record)
+
+    pm = get_plugin_manager()
+    listener = Listener()
+    pm.register(listener, name="test-listener")
+    try:
+        result = CliRunner().invoke(
+            cli,
+            [
+                "assess",
+                "--data",
+                str(trained / "data"),
+                "--run",
+                str(trained / "run"),
+                "--out",
+                str(tmp_path / "a"),
+                "--view",
+                "LA",
+            ],
+        )
+    finally:
+        pm.unregister(listener)
+    assert result.exit_code == 0, result.output
+    records = [
+        json.loads(line) for line in (tmp_path / "a" / "records.jsonl").read_text().splitlines()
+    ]
+    assert [r["subject"] for r in seen] == [r["subject"] for r in records] and records

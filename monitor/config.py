@@ -121,6 +121,12 @@ class TrainingConfig(_Section):
     lr: float | None = Field(
         default=None, gt=0, description="Learning rate; null uses the architecture's default."
     )
+    checkpoint_gap: int = Field(
+        default=1,
+        ge=1,
+        description="Kept checkpoints are at least this many epochs apart (1: the m_best best "
+        "epochs, as the paper; larger values give more diverse candidates).",
+    )
     min_steps: int = Field(
         default=0,
         ge=0,

@@ -145,6 +145,7 @@ def train_settings(cfg: QcloopConfig, n_slices: int | None = None) -> TrainSetti
         max_slices_per_epoch=t.max_slices_per_epoch,
         lr=t.lr,
         seed=cfg.seed,
+        checkpoint_gap=t.checkpoint_gap,
     )
 
 

@@ -75,6 +75,7 @@ class TrainSettings:
     max_slices_per_epoch: int | None = None
     lr: float | None = None
     seed: int = 0
+    checkpoint_gap: int = 1
 
 
 @dataclass
@@ -211,7 +212,9 @@ def train_segmenter(
         if (epoch + 1) % settings.val_every == 0 or epoch == settings.epochs - 1:
             score = validate(model, val)
             record["val_dice"] = score
-            kept, dropped = _keep_best(model, kept, score, epoch, out, settings.m_best, model_meta)
+            # with a checkpoint gap, a larger pool is kept and spread out at the end
+            pool = settings.m_best * settings.checkpoint_gap
+            kept, dropped = _keep_best(model, kept, score, epoch, out, pool, model_meta)
         else:
             dropped = []
         record["seconds"] = time.perf_counter() - t0
@@ -242,7 +245,11 @@ def train_segmenter(
             (out / stale.path).unlink(missing_ok=True)
         if log_metrics is not None:
             log_metrics({k: v for k, v in record.items() if k != "epoch"}, epoch)
-    return TrainResult(checkpoints=sorted(kept, key=lambda c: -c.val_dice), history=history)
+    chosen = spread_candidates(kept, settings.m_best, settings.checkpoint_gap)
+    for stale in kept:
+        if stale not in chosen:
+            (out / stale.path).unlink(missing_ok=True)
+    return TrainResult(checkpoints=chosen, history=history)
 
 
 def _keep_best(
@@ -251,15 +258,15 @@ def _keep_best(
     score: float,
     epoch: int,
     out: Path,
-    m_best: int,
+    keep: int,
     meta: dict[str, Any] | None,
 ) -> tuple[list[Checkpoint], list[Checkpoint]]:
-    """Save this epoch's weights if they rank among the ``m_best`` best.
+    """Save this epoch's weights if they rank among the ``keep`` best.
 
     Returns the kept checkpoints (best first) and those that fell out (to delete).
     """
     ranked = sorted(kept, key=lambda c: -c.val_dice)
-    if len(ranked) >= m_best and score <= ranked[-1].val_dice:
+    if len(ranked) >= keep and score <= ranked[-1].val_dice:
         return ranked, []
     rel = f"candidates/epoch-{epoch:04d}.pt"
     atomic.torch_save(
@@ -268,4 +275,16 @@ def _keep_best(
     )
     ranked.append(Checkpoint(path=rel, epoch=epoch, val_dice=score))
     ranked.sort(key=lambda c: -c.val_dice)
-    return ranked[:m_best], ranked[m_best:]
+    return ranked[:keep], ranked[keep:]
+
+
+def spread_candidates(pool: list[Checkpoint], m_best: int, gap: int) -> list[Checkpoint]:
+    """The ``m_best`` best checkpoints of ``pool`` that are at least ``gap`` epochs apart
+    (greedy by validation Dice; ``gap`` 1 gives the plain m_best best)."""
+    chosen: list[Checkpoint] = []
+    for c in sorted(pool, key=lambda c: -c.val_dice):
+        if all(abs(c.epoch - k.epoch) >= gap for k in chosen):
+            chosen.append(c)
+        if len(chosen) == m_best:
+            break
+    return chosen

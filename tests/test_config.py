@@ -52,6 +52,7 @@ EXPECTED_DEFAULT: dict[str, Any] = {
         "augmentation": {"flip": True, "rotation_deg": 15.0, "scale": [0.85, 1.15]},
         "max_slices_per_epoch": None,
         "lr": None,
+        "checkpoint_gap": 1,
         "min_steps": 0,
     },
     "qc": {

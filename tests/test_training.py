@@ -91,3 +91,25 @@ def test_resume_is_exact(tmp_path) -> None:
         assert torch.allclose(a.float(), b.float(), atol=1e-6), k
     history = torch.load(tmp_path / "b" / "training" / "last.pt", weights_only=True)["history"]
     assert [int(h["epoch"]) for h in history] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("gap", "expected"),
+    [(1, [5, 4, 3]), (3, [5, 2]), (2, [5, 3, 1])],
+)
+def test_candidates_respect_the_epoch_gap(gap, expected) -> None:
+    from qcloop.monitor.training import Checkpoint, spread_candidates
+
+    scores = [0.50, 0.55, 0.70, 0.72, 0.74, 0.80]  # improving: the last epochs are the best
+    pool = [Checkpoint(f"e{i}", i, s) for i, s in enumerate(scores)]
+    assert [c.epoch for c in spread_candidates(pool, 3, gap)] == expected
+
+
+def test_training_with_a_gap_keeps_spread_candidates_only(tmp_path) -> None:
+    train, val = _data(32)
+    settings = TrainSettings(epochs=6, batch_size=8, m_best=2, seed=0, lr=0.02, checkpoint_gap=2)
+    result = train_segmenter(_model(), train, val, settings, tmp_path)
+    epochs = [c.epoch for c in result.checkpoints]
+    assert len(epochs) == 2 and abs(epochs[0] - epochs[1]) >= 2
+    files = sorted(p.name for p in (tmp_path / "candidates").glob("*.pt"))
+    assert files == sorted(c.path.split("/")[-1] for c in result.checkpoints)

@@ -99,9 +99,8 @@ class AlphaRefiner:
 
         from qcloop.monitor.losses import SupervisedLoss, weighted_generalised_dice
 
-        history: dict[str, Any] = {"refiner": "alpha", "epochs": [], "ood_before": still_ood(model)}
-        if len(flagged) == 0 or history["ood_before"] == 0:
-            history["stopped"] = "no OoD case"
+        history = _start_history("alpha", model, flagged, still_ood)
+        if "stopped" in history:
             return history
         gen = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
@@ -198,9 +197,8 @@ class BlendRefiner:
 
         from qcloop.monitor.losses import SupervisedLoss
 
-        history: dict[str, Any] = {"refiner": "blend", "epochs": [], "ood_before": still_ood(model)}
-        if len(flagged) == 0 or history["ood_before"] == 0:
-            history["stopped"] = "no OoD case"
+        history = _start_history("blend", model, flagged, still_ood)
+        if "stopped" in history:
             return history
         if flagged.selected is None:
             raise ValueError("blend refiner needs the QC-selected maps of the flagged cases")
@@ -268,6 +266,17 @@ class BlendRefiner:
         history["stopped"] = "epochs done"
         model.eval()
         return history
+
+
+def _start_history(
+    name: str, model: torch.nn.Module, flagged: FlaggedSet, still_ood: StillOod
+) -> dict[str, Any]:
+    """A refiner's history with the OoD count before refinement; marked ``stopped`` when
+    there is nothing to refine."""
+    history: dict[str, Any] = {"refiner": name, "epochs": [], "ood_before": still_ood(model)}
+    if len(flagged) == 0 or history["ood_before"] == 0:
+        history["stopped"] = "no OoD case"
+    return history
 
 
 def _pseudo_labels(

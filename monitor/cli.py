@@ -28,16 +28,28 @@ BUILTIN_COMMANDS: dict[str, str] = {
     "refine": "loop:refine",
     "predict": "loop:predict",
     "demo": "demo:demo",
+    "export-onnx": "export:export_onnx",
+    "export-triton": "export:export_triton",
+    "serve": "serve:serve",
+    "monitor": "monitor:monitor",
+    "models": "models:models",
 }
 
 
 class LazyGroup(click.Group):
     """A click group whose built-in subcommands are imported on first use."""
 
-    def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        lazy: dict[str, str] | None = None,
+        plugin_commands: bool = True,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._lazy = dict(lazy or {})
-        self._plugins_loaded = False
+        # only the top-level group offers plugins the register_commands hook
+        self._plugins_loaded = not plugin_commands
 
     def _load_plugin_commands(self) -> None:
         if self._plugins_loaded:

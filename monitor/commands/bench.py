@@ -7,8 +7,16 @@ from typing import Any
 
 import click
 
+from qcloop.monitor.cli import LazyGroup
 
-@click.group()
+#: benchmarks defined in their own command modules (``module:attr`` under qcloop.monitor.commands)
+LAZY_BENCHMARKS = {
+    "inference": "bench_inference:inference",
+    "serve": "bench_serve:serve",
+}
+
+
+@click.group(cls=LazyGroup, lazy=LAZY_BENCHMARKS, plugin_commands=False)
 def bench() -> None:
     """Benchmarks that print figures (timings and agreement with reference libraries)."""
 

@@ -188,6 +188,87 @@ class TrackingConfig(_Section):
     )
 
 
+class RegistryConfig(_Section):
+    """Registered model versions (MLflow registry) and the promotion gate."""
+
+    name_prefix: str = Field(
+        default="qcloop",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Registered models are named PREFIX-SA and PREFIX-LA.",
+    )
+    promotion: Literal["auto", "approve", "off"] = Field(
+        default="approve",
+        description="auto: a challenger that passes the gate becomes champion; approve: it waits "
+        "for `qcloop models promote`; off: challengers are registered and never promoted.",
+    )
+    dice_margin: float = Field(
+        default=0.01,
+        ge=0.0,
+        le=1.0,
+        description="Largest drop of mean validation Dice a challenger may show and still pass.",
+    )
+
+
+class MonitoringConfig(_Section):
+    """Drift policy of `qcloop monitor` on a rolling window of scored cases, per view."""
+
+    window: int = Field(default=50, ge=2, description="Cases in the rolling window, per view.")
+    min_cases: int = Field(
+        default=10, ge=1, description="Cases the window must hold before drift is judged."
+    )
+    ood_fraction_limit: float = Field(
+        default=0.3,
+        gt=0.0,
+        le=1.0,
+        description="Alert when the window's fraction of OoD cases exceeds this.",
+    )
+    median_pdc_shift_limit: float = Field(
+        default=0.1,
+        gt=0.0,
+        le=1.0,
+        description="Alert when the window's median decision pDC falls this far below the "
+        "reference median (the validation cases at calibration).",
+    )
+    refine_on_alert: bool = Field(
+        default=True, description="Run the refiner on the flagged window when an alert fires."
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Interface of the /metrics endpoint (loopback only by default).",
+    )
+    metrics_port: int = Field(
+        default=9308, ge=0, le=65535, description="Port of /metrics (0: none)."
+    )
+    webhook_secret_env: str = Field(
+        default="QCLOOP_WEBHOOK_SECRET",
+        description="Environment variable holding the Alertmanager webhook's shared secret.",
+    )
+
+
+class ServingConfig(_Section):
+    """Limits and runtime of `qcloop serve`."""
+
+    runtime: Literal["torch", "onnxruntime"] = Field(
+        default="onnxruntime", description="Inference backend (ONNX Runtime: CUDA when it loads)."
+    )
+    max_upload_mb: float = Field(default=64.0, gt=0, description="Largest accepted upload (MB).")
+    max_inplane: int = Field(
+        default=1024, ge=16, description="Largest accepted in-plane image size (voxels per axis)."
+    )
+    max_slices: int = Field(default=64, ge=1, description="Largest accepted number of slices.")
+    max_concurrency: int = Field(default=2, ge=1, description="Requests processed at once.")
+    queue_size: int = Field(
+        default=8, ge=0, description="Requests waiting beyond those; more get 429 with Retry-After."
+    )
+    api_key_file: str | None = Field(
+        default=None,
+        description="File holding the API key; else the QCLOOP_API_KEY environment variable.",
+    )
+    reload_poll_s: float = Field(
+        default=30.0, gt=0, description="How often a --model NAME@ALIAS server checks the alias."
+    )
+
+
 class QcloopConfig(_Section):
     """A complete qcloop configuration; every section is optional in a file."""
 
@@ -204,6 +285,9 @@ class QcloopConfig(_Section):
     assessment: AssessmentConfig = Field(default=AssessmentConfig())
     refinement: RefinementConfig = Field(default=RefinementConfig())
     tracking: TrackingConfig = Field(default=TrackingConfig())
+    registry: RegistryConfig = Field(default=RegistryConfig())
+    monitoring: MonitoringConfig = Field(default=MonitoringConfig())
+    serving: ServingConfig = Field(default=ServingConfig())
 
     @field_validator("views")
     @classmethod

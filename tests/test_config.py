@@ -36,6 +36,9 @@ SECTIONS = {
     "assessment",
     "refinement",
     "tracking",
+    "registry",
+    "monitoring",
+    "serving",
 }
 
 #: The default configuration as specified (written out by hand, not produced by the code).
@@ -69,6 +72,27 @@ EXPECTED_DEFAULT: dict[str, Any] = {
     },
     "refinement": {"refiner": {"name": "alpha", "params": {}}, "k_semi": 5},
     "tracking": {"tracker": None},
+    "registry": {"name_prefix": "qcloop", "promotion": "approve", "dice_margin": 0.01},
+    "monitoring": {
+        "window": 50,
+        "min_cases": 10,
+        "ood_fraction_limit": 0.3,
+        "median_pdc_shift_limit": 0.1,
+        "refine_on_alert": True,
+        "metrics_host": "127.0.0.1",
+        "metrics_port": 9308,
+        "webhook_secret_env": "QCLOOP_WEBHOOK_SECRET",
+    },
+    "serving": {
+        "runtime": "onnxruntime",
+        "max_upload_mb": 64.0,
+        "max_inplane": 1024,
+        "max_slices": 64,
+        "max_concurrency": 2,
+        "queue_size": 8,
+        "api_key_file": None,
+        "reload_poll_s": 30.0,
+    },
 }
 
 

@@ -1,0 +1,83 @@
+"""Rolling windows of scored cases, per view: the OoD fraction and median pseudo-Dice that the
+drift policy and the Prometheus gauges are computed from."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    """Summary of a window: ``n`` cases, fraction flagged OoD, median decision pDC."""
+
+    n: int
+    ood_fraction: float
+    median_pdc: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"n": self.n, "ood_fraction": self.ood_fraction, "median_pdc": self.median_pdc}
+
+
+def decision_pdc(record: dict[str, Any]) -> float:
+    """A record's best decision-structure pDC over candidates (what its fences judged).
+
+    ``decision_structure == "mean"`` averages the structures' pDC per candidate first.
+    """
+    structure = record.get("decision_structure", "RV")
+    values = []
+    for cand in record["candidates"]:
+        if structure == "mean":
+            values.append(sum(s["pdc"] for s in cand.values()) / len(cand))
+        else:
+            values.append(cand[structure]["pdc"])
+    best = max(values)
+    if not math.isfinite(best):
+        raise ValueError(f"non-finite pDC in the record of {record.get('image')}")
+    return float(best)
+
+
+class RollingWindow:
+    """The last ``size`` cases of one view: (OoD flag, decision pDC) pairs."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"window size must be >= 1, got {size}")
+        self.size = int(size)
+        self._cases: deque[tuple[bool, float]] = deque(maxlen=self.size)
+
+    def __len__(self) -> int:
+        return len(self._cases)
+
+    def add(self, ood: bool, pdc: float) -> None:
+        """Append one case (the oldest drops out when full)."""
+        if not math.isfinite(pdc):
+            raise ValueError(f"non-finite pDC {pdc!r}")
+        self._cases.append((bool(ood), float(pdc)))
+
+    def add_record(self, record: dict[str, Any]) -> None:
+        """Append a case from its JSON record."""
+        self.add(bool(record.get("ood")), decision_pdc(record))
+
+    def extend(self, records: Iterable[dict[str, Any]]) -> None:
+        """Append several records in order."""
+        for rec in records:
+            self.add_record(rec)
+
+    def clear(self) -> None:
+        """Forget every case (after a refinement the window starts again)."""
+        self._cases.clear()
+
+    def stats(self) -> WindowStats:
+        """Size, OoD fraction and median pDC of the window (fraction 0 and no median if empty)."""
+        n = len(self._cases)
+        if n == 0:
+            return WindowStats(0, 0.0, None)
+        flagged = sum(1 for ood, _ in self._cases if ood)
+        median = statistics.median(p for _, p in self._cases)
+        return WindowStats(n, flagged / n, float(median))

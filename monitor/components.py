@@ -126,6 +126,8 @@ class Tracker(Protocol):
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
 
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
 
 class NullTracker:
     """The tracker used when none is configured: accepts every call and records nothing."""
@@ -144,4 +146,7 @@ class NullTracker:
         return None
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        return None
+
+    def set_tags(self, tags: dict[str, str]) -> None:
         return None

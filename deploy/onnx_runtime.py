@@ -1,0 +1,360 @@
+"""The ONNX Runtime backend: :class:`OrtRuntime` runs an export of ``qcloop export-onnx``.
+
+It implements the ``Runtime`` protocol of :mod:`qcloop.monitor.online`: one session per model,
+built once; slices run in batches; softmax is applied to the segmenters' logits in place.
+
+Providers: by default the CUDA execution provider is asked for only when ONNX Runtime lists it
+AND a probe session really runs on it (onnxruntime-gpu lists CUDA even on machines without a
+GPU, then falls back to the CPU with an error on its log). Explicitly requested CUDA that does
+not load falls back to the CPU with one warning. The providers in use are read back from the
+sessions (``providers()``), never assumed from the request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qcloop.deploy.onnx_export import ExportError, load_manifest
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CPU",
+    "CUDA",
+    "OrtRuntime",
+    "cuda_usable",
+    "make_runtime",
+    "resolve_providers",
+]
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+_SHORT_NAMES = {"cuda": CUDA, "gpu": CUDA, "cpu": CPU}
+#: ONNX Runtime's default logger severity (2: warning); restored after quiet session creation.
+_DEFAULT_SEVERITY = 2
+
+
+@contextlib.contextmanager
+def _quiet_ort() -> Iterator[None]:
+    """Raise ONNX Runtime's default log severity to fatal-only (4) while sessions are built: a
+    CUDA provider that cannot load otherwise prints an error line per session (severity 3 still
+    lets those through). Real failures still raise."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(4)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(_DEFAULT_SEVERITY)
+
+
+def _probe_model() -> bytes:
+    """A one-node float model (Relu), for checking that a provider really loads."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_usable() -> bool:
+    """Whether the CUDA execution provider is listed AND a session really runs on it."""
+    import onnxruntime as ort
+
+    if CUDA not in ort.get_available_providers():
+        return False
+    try:
+        with _quiet_ort():
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            session = ort.InferenceSession(_probe_model(), options, providers=[CUDA, CPU])
+        return CUDA in session.get_providers()
+    except Exception as exc:  # a broken CUDA install raises instead of falling back
+        log.debug("CUDA provider probe failed: %s", exc)
+        return False
+
+
+def resolve_providers(providers: Sequence[str] | str | None = None) -> list[str]:
+    """The providers to ask for: ``None`` means CUDA when it really loads, else CPU. Names may be
+    short (``"cuda"``, ``"cpu"``); the CPU provider is always appended as the fallback."""
+    if providers is None:
+        return [CUDA, CPU] if cuda_usable() else [CPU]
+    items = [providers] if isinstance(providers, str) else list(providers)
+    if not items:
+        raise ValueError("providers: empty list; leave it out to choose automatically")
+    resolved: list[str] = []
+    for item in items:
+        name = _SHORT_NAMES.get(str(item).lower(), str(item))
+        if name not in resolved:
+            resolved.append(name)
+    if CPU not in resolved:
+        resolved.append(CPU)
+    return resolved
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _softmax_into(logits: np.ndarray, out: np.ndarray) -> None:
+    """Softmax over axis 1 of ``logits`` written into ``out`` (same shape), numerically safe."""
+    np.subtract(logits, logits.max(axis=1, keepdims=True), out=out)
+    np.exp(out, out=out)
+    out /= out.sum(axis=1, keepdims=True)
+
+
+class OrtRuntime:
+    """:class:`~qcloop.monitor.online.Runtime` on ONNX Runtime sessions of one view.
+
+    Build it with :meth:`from_export`. Arrays are float32, channels first: images ``(Z, S, S)``,
+    softmax maps ``(Z, C, S, S)``.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        view: str,
+        segmenters: Sequence[Any],
+        qc: Any,
+        *,
+        input_size: int,
+        divisor: int,
+        num_classes: int,
+        batch_size: int = 16,
+        files: Sequence[str] = (),
+        requested: Sequence[str] = (CPU,),
+    ) -> None:
+        if not segmenters:
+            raise ValueError(f"{view}: no segmenter session")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.view = view
+        self.sessions = list(segmenters)
+        self.qc_session = qc
+        self.input_size = int(input_size)
+        self.divisor = int(divisor)
+        self.num_classes = int(num_classes)
+        self.n_candidates = len(self.sessions)
+        self.batch_size = int(batch_size)
+        self.files = list(files)
+        self.requested = list(requested)
+        self._io = [(s.get_inputs()[0].name, s.get_outputs()[0].name) for s in self.sessions]
+        self._qc_io = (qc.get_inputs()[0].name, qc.get_outputs()[0].name)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_export(
+        cls,
+        onnx_dir: str | Path,
+        view: str,
+        *,
+        providers: Sequence[str] | str | None = None,
+        batch_size: int = 16,
+        threads: int | None = None,
+    ) -> OrtRuntime:
+        """Sessions for ``view`` of the export in ``onnx_dir`` (``qcloop export-onnx``).
+
+        Args:
+            providers: execution providers to ask for (``None``: CUDA when it really loads,
+                else CPU); a requested CUDA that fails to load falls back to CPU with a warning.
+            batch_size: slices per session call.
+            threads: intra-op threads per session (``None``: ONNX Runtime's default).
+
+        Raises:
+            ExportError: the manifest or a model file is missing, unreadable, modified since
+                the export, or describes another view or input size.
+        """
+        import onnxruntime as ort
+
+        root = Path(onnx_dir)
+        manifest = load_manifest(root)
+        where = root / "manifest.json"
+        entry = manifest["views"].get(view)
+        if entry is None:
+            raise ExportError(
+                f"{where}: no {view} models in this export (views: {sorted(manifest['views'])})"
+            )
+        try:
+            size, divisor = int(entry["input_size"]), int(entry["divisor"])
+            num_classes = int(entry["num_classes"])
+            files = [c["file"] for c in entry["candidates"]] + [entry["qc"]["file"]]
+            digests = [c.get("sha256") for c in entry["candidates"]] + [entry["qc"].get("sha256")]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ExportError(f"{where}: view {view}: malformed entry ({exc})") from exc
+        if not files[:-1]:
+            raise ExportError(f"{where}: view {view} lists no candidate segmenter")
+        wanted = resolve_providers(providers)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        sessions = []
+        for index, (rel, digest) in enumerate(zip(files, digests, strict=True)):
+            path = root / rel
+            role = "qc" if index == len(files) - 1 else "segmenter"
+            if not path.is_file():
+                raise ExportError(f"{path}: missing (listed in {where})")
+            if digest and _sha256(path) != digest:
+                raise ExportError(f"{path}: changed since the export (sha256 differs from {where})")
+            try:
+                with _quiet_ort():
+                    session = ort.InferenceSession(str(path), options, providers=wanted)
+            except Exception as exc:
+                raise ExportError(f"{path}: ONNX Runtime cannot load it ({exc})") from exc
+            cls._check_session(path, session, view, role, size, num_classes)
+            sessions.append(session)
+        runtime = cls(
+            view,
+            sessions[:-1],
+            sessions[-1],
+            input_size=size,
+            divisor=divisor,
+            num_classes=num_classes,
+            batch_size=batch_size,
+            files=[str(root / f) for f in files],
+            requested=wanted,
+        )
+        active = runtime.providers()
+        if CUDA in wanted and CUDA not in active:
+            log.warning(
+                "%s: CUDAExecutionProvider was requested but did not load (no usable GPU or "
+                "CUDA libraries); running on %s",
+                view,
+                ", ".join(active),
+            )
+        log.info("%s: ONNX Runtime providers in use: %s", view, ", ".join(active))
+        return runtime
+
+    @staticmethod
+    def _check_session(
+        path: Path, session: Any, view: str, role: str, size: int, num_classes: int
+    ) -> None:
+        meta = session.get_modelmeta().custom_metadata_map
+        if meta.get("view") != view:
+            raise ExportError(f"{path}: metadata view is {meta.get('view')!r}, expected {view!r}")
+        if meta.get("role") != role:
+            raise ExportError(f"{path}: metadata role is {meta.get('role')!r}, expected {role!r}")
+        if meta.get("input_size") != str(size):
+            raise ExportError(
+                f"{path}: metadata input_size is {meta.get('input_size')!r}, the manifest says "
+                f"{size}"
+            )
+        inputs, outputs = session.get_inputs(), session.get_outputs()
+        channels = 1 if role == "segmenter" else num_classes
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ExportError(f"{path}: expected one input and one output")
+        shape = inputs[0].shape
+        if len(shape) != 4 or shape[1] != channels:
+            raise ExportError(f"{path}: input shape {shape}, expected (N, {channels}, H, W)")
+        if inputs[0].type != "tensor(float)" or outputs[0].type != "tensor(float)":
+            raise ExportError(f"{path}: expected float32 input and output")
+
+    # ------------------------------------------------------------------ Runtime protocol
+
+    def _check_image(self, image: np.ndarray) -> np.ndarray:
+        s = self.input_size
+        if image.ndim != 3 or image.shape[1:] != (s, s):
+            raise ValueError(f"{self.view}: expected slices (Z, {s}, {s}), got {image.shape}")
+        return np.ascontiguousarray(image, dtype=np.float32)  # no copy when already so
+
+    def segment(self, image: np.ndarray) -> list[np.ndarray]:
+        """Softmax maps ``(Z, C, S, S)`` of every candidate (best first)."""
+        x = self._check_image(np.asarray(image))[:, None]
+        z, s, c, b = len(x), self.input_size, self.num_classes, self.batch_size
+        results = []
+        for session, (in_name, out_name) in zip(self.sessions, self._io, strict=True):
+            out = np.empty((z, c, s, s), np.float32)
+            for i in range(0, z, b):
+                (logits,) = session.run([out_name], {in_name: x[i : i + b]})
+                _softmax_into(logits, out[i : i + b])
+            results.append(out)
+        return results
+
+    def reconstruct(self, probabilities: np.ndarray) -> np.ndarray:
+        """The QC module's reconstruction ``(Z, C, S, S)`` of softmax maps (same shape)."""
+        s, c = self.input_size, self.num_classes
+        p = np.asarray(probabilities)
+        if p.ndim != 4 or p.shape[1:] != (c, s, s):
+            raise ValueError(
+                f"{self.view}: expected (Z, {c}, {s}, {s}) probabilities, got {p.shape}"
+            )
+        p = np.ascontiguousarray(p, dtype=np.float32)
+        in_name, out_name = self._qc_io
+        out = np.empty_like(p)
+        for i in range(0, len(p), self.batch_size):
+            (out[i : i + self.batch_size],) = self.qc_session.run(
+                [out_name], {in_name: p[i : i + self.batch_size]}
+            )
+        return out
+
+    def providers(self) -> list[str]:
+        """Execution providers the sessions actually use (read back; the same for all)."""
+        seen: list[str] = []
+        for session in [*self.sessions, self.qc_session]:
+            for name in session.get_providers():
+                if name not in seen:
+                    seen.append(name)
+        return seen
+
+    def describe(self) -> dict[str, Any]:
+        """View, model files, requested and active providers, for logs and service metadata."""
+        return {
+            "runtime": self.name,
+            "view": self.view,
+            "files": list(self.files),
+            "requested_providers": list(self.requested),
+            "providers": self.providers(),
+            "input_size": self.input_size,
+            "batch_size": self.batch_size,
+        }
+
+
+def make_runtime(
+    kind: str,
+    run: str | Path,
+    view: str,
+    *,
+    onnx_dir: str | Path | None = None,
+    providers: Sequence[str] | str | None = None,
+    batch_size: int = 16,
+    threads: int | None = None,
+) -> Any:
+    """A runtime of ``kind`` (``"torch"`` or ``"onnxruntime"``) for ``view`` of ``run``; ONNX
+    models come from ``onnx_dir`` (default ``RUN/onnx``)."""
+    if kind == "onnxruntime":
+        return OrtRuntime.from_export(
+            Path(onnx_dir) if onnx_dir is not None else Path(run) / "onnx",
+            view,
+            providers=providers,
+            batch_size=batch_size,
+            threads=threads,
+        )
+    if kind == "torch":
+        from qcloop.monitor.modelset import load_model_set, load_run_config
+        from qcloop.monitor.online import TorchRuntime
+
+        cfg = load_run_config(run)
+        return TorchRuntime(load_model_set(run, view, cfg), cfg.preprocessing.size, batch_size)
+    raise ValueError(f"unknown runtime {kind!r}: expected 'torch' or 'onnxruntime'")

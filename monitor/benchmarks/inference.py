@@ -1,0 +1,258 @@
+"""Inference speed of the segmenters: PyTorch eager vs ONNX Runtime (CPU) in the same run.
+
+For each architecture (built with its default parameters, the reference widths) the network is
+exported to ONNX once (dynamic batch, height and width), then both backends run the same input
+at each size and batch. Figures: slices per second, the ONNX Runtime / PyTorch ratio, and the
+achieved GFLOP/s against the fp32 matrix-multiply rate measured in the same run (torch matmul,
+large square matrices). FLOPs are counted once per input shape with
+``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix products, two FLOPs per
+multiply-add; element-wise work is not counted).
+
+Targets (issue 5): ONNX Runtime >= 1.3x PyTorch eager at batch 1 and >= 1.8x at batch 16;
+achieved GFLOP/s >= 90 % of the sgemm rate. They are reported as PASS/MISS, never asserted.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TARGETS", "run_inference_benchmark", "sgemm_gflops"]
+
+#: Target ONNX Runtime / PyTorch-eager speed ratio by batch size, and the GFLOP/s fraction.
+TARGETS: dict[str, float] = {"ratio_batch_1": 1.3, "ratio_batch_16": 1.8, "sgemm_fraction": 0.9}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _timed(fn: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _timed_pair(
+    first: Callable[[], Any], second: Callable[[], Any], repeats: int, warmup: int
+) -> tuple[list[float], list[float]]:
+    """Call times of two functions measured alternately (a, b, a, b, ...), so that both see the
+    same background load on a shared machine."""
+    for _ in range(warmup):
+        first()
+        second()
+    times_a: list[float] = []
+    times_b: list[float] = []
+    for _ in range(repeats):
+        for fn, times in ((first, times_a), (second, times_b)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times_a, times_b
+
+
+def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """fp32 matrix-multiply rate of torch (``n x n`` by ``n x n``), GFLOP/s, best of ``repeats``."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen)
+    b = torch.randn(n, n, generator=gen)
+    out = torch.empty(n, n)
+    times = _timed(lambda: torch.matmul(a, b, out=out), repeats, warmup=1)
+    return 2.0 * n**3 / min(times) / 1e9
+
+
+def _count_flops(model: Any, x: Any) -> int:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return int(counter.get_total_flops())
+
+
+def _target_ratio(batch: int) -> float | None:
+    return {1: TARGETS["ratio_batch_1"], 16: TARGETS["ratio_batch_16"]}.get(batch)
+
+
+def run_inference_benchmark(
+    *,
+    sizes: Sequence[int] = (128, 256),
+    batches: Sequence[int] = (1, 16),
+    archs: Sequence[str] = ("bn1", "bn2"),
+    repeats: int = 5,
+    warmup: int = 1,
+    threads: int | None = None,
+    sgemm_size: int = 2048,
+    exporter: str = "dynamo",
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Time PyTorch eager and ONNX Runtime (CPU) on each (architecture, size, batch).
+
+    Returns JSON-able figures: ``rows`` (one per combination), ``sgemm_gflops`` (measured before
+    and after), ``targets`` with PASS/MISS, and the machine (CPU, load average, threads,
+    versions).
+    """
+    import onnxruntime as ort
+    import torch
+
+    from qcloop.deploy.onnx_export import library_versions, to_onnx
+    from qcloop.monitor.plugins import get_plugin_manager
+
+    say = progress or (lambda line: log.info("%s", line))
+    if repeats < 1 or warmup < 0:
+        raise ValueError("repeats must be >= 1 and warmup >= 0")
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    n_threads = torch.get_num_threads()
+    registry = get_plugin_manager().segmenters()
+    torch.manual_seed(seed)
+    models = {arch: registry.create(arch, {}).eval() for arch in archs}
+    for arch, model in models.items():
+        divisor = int(getattr(model, "divisor", 1))
+        for size in sizes:
+            if size % divisor:
+                raise ValueError(f"size {size} is not a multiple of {arch}'s divisor {divisor}")
+    load_before = os.getloadavg()
+    say(f"sgemm reference ({sgemm_size}^2 fp32, {n_threads} threads)...")
+    sgemm_before = sgemm_gflops(sgemm_size)
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory(prefix="qcloop-bench-") as tmp:
+        for arch, model in models.items():
+            divisor = int(getattr(model, "divisor", 1))
+            params = sum(p.numel() for p in model.parameters())
+            example = torch.from_numpy(
+                rng.standard_normal((1, 1, sizes[0], sizes[0])).astype(np.float32)
+            )
+            say(f"{arch}: exporting to ONNX ({params / 1e6:.2f} M parameters)...")
+            proto = to_onnx(model, example, "image", "logits", divisor, None, exporter)
+            path = Path(tmp) / f"{arch}.onnx"
+            path.write_bytes(proto.SerializeToString())
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = n_threads
+            options.inter_op_num_threads = 1
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.log_severity_level = 3
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            in_name = session.get_inputs()[0].name
+            for size in sizes:
+                for batch in batches:
+                    x_np = rng.standard_normal((batch, 1, size, size)).astype(np.float32)
+                    x = torch.from_numpy(x_np)
+                    flops = _count_flops(model, x)
+                    say(f"{arch} {size} px batch {batch}: PyTorch eager and ONNX Runtime...")
+
+                    def run_torch(x: Any = x, model: Any = model) -> None:
+                        with torch.inference_mode():
+                            model(x)
+
+                    def run_ort(
+                        x: np.ndarray = x_np, s: Any = session, name: str = in_name
+                    ) -> None:
+                        s.run(None, {name: x})
+
+                    torch_times, ort_times = _timed_pair(run_torch, run_ort, repeats, warmup)
+                    t_torch = statistics.median(torch_times)
+                    t_ort = statistics.median(ort_times)
+                    rows.append(
+                        {
+                            "arch": arch,
+                            "size": size,
+                            "batch": batch,
+                            "parameters": params,
+                            "gflop_per_slice": flops / batch / 1e9,
+                            "torch_s": t_torch,
+                            "ort_s": t_ort,
+                            "torch_slices_per_s": batch / t_torch,
+                            "ort_slices_per_s": batch / t_ort,
+                            "ratio": t_torch / t_ort,
+                            "torch_gflops": flops / t_torch / 1e9,
+                            "ort_gflops": flops / t_ort / 1e9,
+                            "torch_times_s": torch_times,
+                            "ort_times_s": ort_times,
+                        }
+                    )
+    elapsed = time.perf_counter() - started
+    say("sgemm reference again...")
+    sgemm_after = sgemm_gflops(sgemm_size)
+    load_after = os.getloadavg()
+    sgemm = max(sgemm_before, sgemm_after)
+    for row in rows:
+        row["torch_sgemm_fraction"] = row["torch_gflops"] / sgemm
+        row["ort_sgemm_fraction"] = row["ort_gflops"] / sgemm
+        target = _target_ratio(row["batch"])
+        row["ratio_target"] = target
+        row["ratio_status"] = (
+            None if target is None else ("PASS" if row["ratio"] >= target else "MISS")
+        )
+        row["gflops_status"] = (
+            "PASS" if row["ort_sgemm_fraction"] >= TARGETS["sgemm_fraction"] else "MISS"
+        )
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        affinity = os.cpu_count() or 0
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu": _cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "cpus_usable": affinity,
+            "platform": platform.platform(),
+            "mkldnn": bool(torch.backends.mkldnn.is_available()),
+        },
+        "threads": n_threads,
+        "load_average_before": [round(v, 2) for v in load_before],
+        "load_average_after": [round(v, 2) for v in load_after],
+        "versions": {**library_versions(), "numpy": np.__version__},
+        "settings": {
+            "sizes": list(sizes),
+            "batches": list(batches),
+            "archs": list(archs),
+            "repeats": repeats,
+            "warmup": warmup,
+            "exporter": exporter,
+            "sgemm_size": sgemm_size,
+        },
+        "sgemm_gflops": {"before": sgemm_before, "after": sgemm_after, "reference": sgemm},
+        "targets": dict(TARGETS),
+        "rows": rows,
+        "elapsed_s": elapsed,
+        "notes": [
+            "median of the timed calls after warm-up; slices/s = batch / median call time",
+            "PyTorch and ONNX Runtime calls alternate, so both see the same background load",
+            "ratio = PyTorch eager time / ONNX Runtime time (same input, same threads)",
+            "GFLOP counted by torch FlopCounterMode (convs and matmuls, 2 per multiply-add)",
+            "sgemm reference: the higher of the two torch.matmul measurements of the run",
+            "ONNX Runtime: CPUExecutionProvider, all graph optimisations, intra-op threads = "
+            "torch threads",
+        ],
+    }

@@ -126,8 +126,6 @@ class Tracker(Protocol):
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
 
-    def set_tags(self, tags: dict[str, str]) -> None: ...
-
 
 class NullTracker:
     """The tracker used when none is configured: accepts every call and records nothing."""
@@ -146,7 +144,4 @@ class NullTracker:
         return None
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        return None
-
-    def set_tags(self, tags: dict[str, str]) -> None:
         return None

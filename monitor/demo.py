@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qcloop.monitor import atomic
+from qcloop.monitor.components import Tracker
 from qcloop.monitor.config import QcloopConfig, dump_config
 from qcloop.monitor.evaluation import (
     CaseEvaluation,
@@ -32,6 +33,7 @@ from qcloop.monitor.pipeline import (
     flag_collector,
     load_prepared,
     make_preprocessor,
+    make_tracker,
     refine_run,
     sources_for,
     train_run,
@@ -132,9 +134,9 @@ def run_demo(
 
     ``preset`` and ``config`` override the phantom preset and configuration that ``quick``
     chooses (tests use the tiny preset with tiny networks).
+    With ``tracking.tracker`` configured, the demo is one tracked run holding the training and
+    refinement runs, the ablation table as metrics and its files as artifacts.
     """
-    from qcloop.monitor.phantoms import write_cohort
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -143,12 +145,49 @@ def run_demo(
     preset = preset or ("small" if quick else "default")
     atomic.write_text(out / "config.yaml", dump_config(cfg))
 
+    tracker = make_tracker(cfg)
+    with tracker.start_run(f"demo {out.name}", tags={"qcloop.kind": "demo"}):
+        tracker.log_params({"quick": quick, "seed": seed, "preset": preset})
+        result = _run_demo(out, cfg, quick, seed, workers, preset, tracker, t0, timings)
+        _log_demo(tracker, out, result)
+    return result
+
+
+def _log_demo(tracker: Tracker, out: Path, result: dict[str, Any]) -> None:
+    """The ablation table (mean Dice and HD per configuration, vendor, view and structure as
+    metrics), its files and any figure in ``out``."""
+    metrics: dict[str, float] = {"seconds": float(result["meta"]["seconds"])}
+    for row in result.get("rows", []):
+        key = f"{row['config']}.{row['vendor']}.{row['view']}.{row['structure']}"
+        metrics[f"{key}.dice"] = float(row["dice"])
+        metrics[f"{key}.hd_mm"] = float(row["hd_mm"])
+    tracker.log_metrics(metrics)
+    for name in ("ablation.json", "ablation.md", "evaluations.jsonl", "config.yaml"):
+        if (out / name).is_file():
+            tracker.log_artifact(str(out / name))
+    for figure in sorted([*out.glob("*.png"), *out.glob("*.svg")]):
+        tracker.log_artifact(str(figure), "figures")
+
+
+def _run_demo(
+    out: Path,
+    cfg: QcloopConfig,
+    quick: bool,
+    seed: int,
+    workers: int | None,
+    preset: str,
+    tracker: Tracker,
+    t0: float,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    from qcloop.monitor.phantoms import write_cohort
+
     data = out / "data"
     write_cohort(data, preset=preset, seed=seed, workers=workers)
     timings["phantoms"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    train_run(data, out / "run", cfg)
+    train_run(data, out / "run", cfg, tracker=tracker)
     timings["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -158,7 +197,13 @@ def run_demo(
 
     t = time.perf_counter()
     refine_run(
-        data, out / "run", out / "run-refined", cfg, where=TEST_SPLIT, assessed_by_view=flagged
+        data,
+        out / "run",
+        out / "run-refined",
+        cfg,
+        where=TEST_SPLIT,
+        assessed_by_view=flagged,
+        tracker=tracker,
     )
     del flagged
     timings["refine"] = time.perf_counter() - t

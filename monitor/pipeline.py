@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import logging
 import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 
 from qcloop.monitor import __version__, atomic
 from qcloop.monitor.assessment import Assessor, ScoredCase, fit_population_fences
+from qcloop.monitor.components import NullTracker, Tracker
 from qcloop.monitor.config import QcloopConfig, dump_config
 from qcloop.monitor.data import Case, CaseError, CaseSource, discover, load_cases
 from qcloop.monitor.data.preprocess import Prepared, Preprocessor
@@ -162,6 +164,21 @@ def population(cfg: QcloopConfig) -> str:
     return str(cfg.assessment.thresholds.params.get("population", "reference"))
 
 
+def make_tracker(cfg: QcloopConfig) -> Tracker:
+    """The configured tracker (``tracking.tracker``), else one that records nothing."""
+    from qcloop.monitor.plugins import get_plugin_manager
+
+    t = cfg.tracking.tracker
+    if t is None:
+        return NullTracker()
+    return get_plugin_manager().trackers().create(t.name, t.params)
+
+
+def _log_file(tracker: Tracker, path: Path, artifact_path: str | None = None) -> None:
+    if path.is_file():
+        tracker.log_artifact(str(path), artifact_path)
+
+
 def _phase(scored: ScoredCase) -> str:
     return str(scored.key["phase"])
 
@@ -172,13 +189,20 @@ def train_run(
     cfg: QcloopConfig,
     views: Sequence[str] | None = None,
     *,
-    tracker: Any = None,
+    tracker: Tracker | None = None,
 ) -> dict[str, Any]:
-    """Train M (keeping m_best candidates) and R per view, then calibrate reference fences."""
+    """Train M (keeping m_best candidates) and R per view, then calibrate reference fences.
+
+    With a tracker (``tracker``, else ``tracking.tracker`` of ``cfg``) this is one tracked run
+    (params: the configuration; artifacts: config.yaml, run.json) with a nested run per view
+    (per-epoch segmenter and QC-module metrics; candidates.json, fences.json, histories) and a
+    nested calibration run.
+    """
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     atomic.write_text(run / "config.yaml", dump_config(cfg))
     views = list(views or cfg.views)
+    tracker = tracker if tracker is not None else make_tracker(cfg)
     all_sources = discover(data_dir)
     info: dict[str, Any] = {
         "qcloop_version": __version__,
@@ -188,74 +212,142 @@ def train_run(
         "views": {},
         "parent": None,
     }
-    for view in views:
-        sources = [s for s in all_sources if s.view == view]
-        train_src, val_src = split_labelled(sources, seed=cfg.seed)
-        if not train_src or not val_src:
-            raise CaseError(data_dir, f"no labelled {view} cases to train and validate on")
-        # seed the initial weights per view, so a view's result does not depend on the others
-        torch.manual_seed(cfg.seed)
-        model = build_segmenter(cfg.segmenter.name, cfg.segmenter.params)
-        pre = make_preprocessor(cfg, getattr(model, "divisor", 1))
-        errors: list[CaseError] = []
-        train_cases = load_prepared(train_src, pre, errors)
-        val_cases = load_prepared(val_src, pre, errors)
-        slices = SliceSet.from_stacks(
-            [c.prepared.image for c in train_cases], [c.prepared.gt for c in train_cases]
+    run_tags = {"qcloop.kind": "train", "qcloop.run_dir": str(run.resolve())}
+    with tracker.start_run(f"train {run.name}", tags=run_tags):
+        tracker.log_params(
+            {**cfg.model_dump(mode="json"), "data": info["data"], "train_views": ",".join(views)}
         )
-        val = [ValCase(c.prepared.image, c.prepared.gt) for c in val_cases]
-        view_dir = run / view
-        log.info(
-            "%s: training %s on %d slices (%d cases), validating on %d cases",
-            view,
-            cfg.segmenter.name,
-            len(slices),
-            len(train_cases),
-            len(val),
-        )
-        meta = {"segmenter": cfg.segmenter.name, "params": cfg.segmenter.params, "view": view}
-        result = train_segmenter(
-            model, slices, val, train_settings(cfg, len(slices)), view_dir, model_meta=meta
-        )
-        atomic.write_json(
-            view_dir / "candidates.json",
-            [{**c.to_dict(), "view": view} for c in result.checkpoints],
-        )
-        atomic.write_json(view_dir / "training" / "history.json", result.history)
-
-        qc = build_qc_module(cfg.qc.module.name, qc_params(cfg, view, len(slices)))
-        qc_history = qc.fit(slices.labels, np.concatenate([v.labels for v in val]), seed=cfg.seed)
-        atomic.torch_save(qc.state_dict(), view_dir / "qc.pt")
-        atomic.write_json(view_dir / "training" / "qc_history.json", _jsonable(qc_history))
-
-        model_set = load_model_set(run, view, cfg)
-        fences = calibrate_reference_fences(model_set, val_cases, cfg)
-        atomic.write_json(view_dir / "fences.json", {k: f.to_dict() for k, f in fences.items()})
-        info["views"][view] = {
-            "train_cases": len(train_cases),
-            "val_cases": len(val),
-            "train_slices": len(slices),
-            "candidates": [c.to_dict() for c in result.checkpoints],
-            "skipped": [str(e) for e in errors],
-        }
-    atomic.write_json(run / "run.json", info)
+        _log_file(tracker, run / "config.yaml")
+        for view in views:
+            with tracker.start_run(f"train {run.name} {view}", tags={"qcloop.view": view}):
+                info["views"][view] = _train_view(
+                    view, all_sources, data_dir, run, cfg, tracker=tracker
+                )
+        atomic.write_json(run / "run.json", info)
+        _log_file(tracker, run / "run.json")
     return info
 
 
-def calibrate_reference_fences(
-    model_set: ModelSet, val_cases: Sequence[PreparedCase], cfg: QcloopConfig
+def _train_view(
+    view: str,
+    all_sources: Sequence[CaseSource],
+    data_dir: str | Path,
+    run: Path,
+    cfg: QcloopConfig,
+    *,
+    tracker: Tracker,
 ) -> dict[str, Any]:
-    """Fences per phase (and pooled as ``"all"``) from the validation cases' QC scores."""
-    assessor = make_assessor(model_set, cfg)
-    scored = [assessor.score(c.key, c.prepared.image, c.net_spacing)[0] for c in val_cases]
-    strategy = threshold_strategy(cfg)
-    fences = fit_population_fences(scored, strategy, _phase, skip_unfittable=True)
-    fences.update(fit_population_fences(scored, strategy, lambda s: "all", skip_unfittable=True))
-    if "all" not in fences:
-        raise RunError(
-            f"{model_set.view}: reference fences cannot be calibrated on the validation cases; "
-            "the model set fails them (train longer) or use population: transductive"
+    """Train one view's candidates and QC module and calibrate its fences (inside a run)."""
+    sources = [s for s in all_sources if s.view == view]
+    train_src, val_src = split_labelled(sources, seed=cfg.seed)
+    if not train_src or not val_src:
+        raise CaseError(data_dir, f"no labelled {view} cases to train and validate on")
+    # seed the initial weights per view, so a view's result does not depend on the others
+    torch.manual_seed(cfg.seed)
+    model = build_segmenter(cfg.segmenter.name, cfg.segmenter.params)
+    pre = make_preprocessor(cfg, getattr(model, "divisor", 1))
+    errors: list[CaseError] = []
+    train_cases = load_prepared(train_src, pre, errors)
+    val_cases = load_prepared(val_src, pre, errors)
+    slices = SliceSet.from_stacks(
+        [c.prepared.image for c in train_cases], [c.prepared.gt for c in train_cases]
+    )
+    val = [ValCase(c.prepared.image, c.prepared.gt) for c in val_cases]
+    view_dir = run / view
+    log.info(
+        "%s: training %s on %d slices (%d cases), validating on %d cases",
+        view,
+        cfg.segmenter.name,
+        len(slices),
+        len(train_cases),
+        len(val),
+    )
+    settings = train_settings(cfg, len(slices))
+    tracker.log_params(
+        {
+            "view": view,
+            "train_cases": len(train_cases),
+            "val_cases": len(val),
+            "train_slices": len(slices),
+            "epochs": settings.epochs,
+        }
+    )
+    meta = {"segmenter": cfg.segmenter.name, "params": cfg.segmenter.params, "view": view}
+    result = train_segmenter(
+        model, slices, val, settings, view_dir, model_meta=meta, log_metrics=tracker.log_metrics
+    )
+    atomic.write_json(
+        view_dir / "candidates.json",
+        [{**c.to_dict(), "view": view} for c in result.checkpoints],
+    )
+    atomic.write_json(view_dir / "training" / "history.json", result.history)
+
+    qc = build_qc_module(cfg.qc.module.name, qc_params(cfg, view, len(slices)))
+    qc_history = qc.fit(
+        slices.labels,
+        np.concatenate([v.labels for v in val]),
+        seed=cfg.seed,
+        log=tracker.log_metrics,  # the QC module names its figures qc/...
+    )
+    atomic.torch_save(qc.state_dict(), view_dir / "qc.pt")
+    atomic.write_json(view_dir / "training" / "qc_history.json", _jsonable(qc_history))
+
+    model_set = load_model_set(run, view, cfg)
+    fences = calibrate_reference_fences(model_set, val_cases, cfg, tracker=tracker)
+    atomic.write_json(view_dir / "fences.json", {k: f.to_dict() for k, f in fences.items()})
+    if result.checkpoints:
+        tracker.log_metrics({"best_val_dice": float(result.checkpoints[0].val_dice)})
+    for name in ("candidates.json", "fences.json"):
+        _log_file(tracker, view_dir / name, view)
+    for name in ("history.json", "qc_history.json"):
+        _log_file(tracker, view_dir / "training" / name, f"{view}/training")
+    return {
+        "train_cases": len(train_cases),
+        "val_cases": len(val),
+        "train_slices": len(slices),
+        "candidates": [c.to_dict() for c in result.checkpoints],
+        "skipped": [str(e) for e in errors],
+    }
+
+
+def calibrate_reference_fences(
+    model_set: ModelSet,
+    val_cases: Sequence[PreparedCase],
+    cfg: QcloopConfig,
+    *,
+    tracker: Tracker | None = None,
+) -> dict[str, Any]:
+    """Fences per phase (and pooled as ``"all"``) from the validation cases' QC scores.
+
+    With a tracker, a nested run records the strategy and each phase's fences as metrics
+    (``fence.<phase>.pdc_low``, ``fence.<phase>.phd_high``) and ``fences.json``.
+    """
+    tracker = tracker if tracker is not None else NullTracker()
+    th = cfg.assessment.thresholds
+    with tracker.start_run(f"calibrate {model_set.view}", tags={"qcloop.view": model_set.view}):
+        tracker.log_params({"strategy": th.name, "strategy_params": dict(th.params)})
+        assessor = make_assessor(model_set, cfg)
+        scored = [assessor.score(c.key, c.prepared.image, c.net_spacing)[0] for c in val_cases]
+        strategy = threshold_strategy(cfg)
+        fences = fit_population_fences(scored, strategy, _phase, skip_unfittable=True)
+        fences.update(
+            fit_population_fences(scored, strategy, lambda s: "all", skip_unfittable=True)
         )
+        if "all" not in fences:
+            raise RunError(
+                f"{model_set.view}: reference fences cannot be calibrated on the validation "
+                "cases; the model set fails them (train longer) or use population: transductive"
+            )
+        metrics = {"calibration_cases": float(len(scored))}
+        for phase, f in fences.items():
+            metrics[f"fence.{phase}.pdc_low"] = float(f.pdc_low)
+            metrics[f"fence.{phase}.phd_high"] = float(f.phd_high)
+        tracker.log_metrics(metrics)
+        if not isinstance(tracker, NullTracker):
+            with tempfile.TemporaryDirectory(prefix="qcloop-fences-") as tmp:
+                path = Path(tmp) / "fences.json"
+                atomic.write_json(path, {k: f.to_dict() for k, f in fences.items()})
+                tracker.log_artifact(str(path), model_set.view)
     return fences
 
 
@@ -375,12 +467,15 @@ def refine_run(
     views: Sequence[str] | None = None,
     where: dict[str, Any] | None = None,
     assessed_by_view: dict[str, tuple[int, list[Assessed]]] | None = None,
+    tracker: Tracker | None = None,
 ) -> dict[str, Any]:
     """Refine every candidate on the OoD cases of ``data_dir``; save the refined set in
     ``out_run`` beside (never over) ``run_dir``.
 
     ``assessed_by_view`` reuses assessments of ``data_dir`` already made with ``run_dir`` (see
-    :func:`refine_view`)."""
+    :func:`refine_view`). With a tracker (``tracker``, else the configured one) this is one
+    tracked run with a nested run per view: the refiner's per-epoch loss and OoD count per
+    candidate, OoD before and after, and ``run.json``."""
     run, out = Path(run_dir), Path(out_run)
     if out.resolve() == run.resolve():
         raise ValueError(f"{out}: refined models go beside the original run, not over it")
@@ -398,12 +493,58 @@ def refine_run(
         "refined_on": str(Path(data_dir).resolve()),
         "views": {},
     }
-    for view in views:
-        info["views"][view] = refine_view(
-            view, run, out, cfg, data_dir, labelled_dir, where, (assessed_by_view or {}).get(view)
+    tracker = tracker if tracker is not None else make_tracker(cfg)
+    run_tags = {
+        "qcloop.kind": "refine",
+        "qcloop.run_dir": str(out.resolve()),
+        "qcloop.parent_run": str(run.resolve()),
+    }
+    with tracker.start_run(f"refine {out.name}", tags=run_tags):
+        tracker.log_params(
+            {
+                "data_window": info["refined_on"],
+                "parent": info["parent"],
+                "refiner": cfg.refinement.refiner.name,
+                "refiner_params": dict(cfg.refinement.refiner.params),
+                "k_semi": cfg.refinement.k_semi,
+                "where": json.dumps(where or {}, sort_keys=True),
+            }
         )
-    atomic.write_json(out / "run.json", info)
+        for view in views:
+            with tracker.start_run(f"refine {out.name} {view}", tags={"qcloop.view": view}):
+                info["views"][view] = result = refine_view(
+                    view,
+                    run,
+                    out,
+                    cfg,
+                    data_dir,
+                    labelled_dir,
+                    where,
+                    (assessed_by_view or {}).get(view),
+                )
+                _log_refinement(tracker, result)
+        atomic.write_json(out / "run.json", info)
+        _log_file(tracker, out / "run.json")
     return info
+
+
+def _log_refinement(tracker: Tracker, result: dict[str, Any]) -> None:
+    """A view's refinement as metrics: window counts, and per candidate ``c<i>.loss`` /
+    ``c<i>.ood`` per epoch with ``c<i>.ood_before`` / ``c<i>.ood_after``."""
+    tracker.log_metrics(
+        {"window_cases": float(result["cases"]), "window_ood": float(result["flagged"])}
+    )
+    for i, h in enumerate(result.get("history") or []):
+        for e in h.get("epochs") or []:
+            step = int(e.get("epoch", 0))
+            tracker.log_metrics({f"c{i}.{k}": v for k, v in e.items() if k != "epoch"}, step=step)
+        before = h.get("ood_before")
+        epochs = h.get("epochs") or []
+        after = epochs[-1].get("ood") if epochs else before
+        if isinstance(before, int | float) and isinstance(after, int | float):
+            tracker.log_metrics(
+                {f"c{i}.ood_before": float(before), f"c{i}.ood_after": float(after)}
+            )
 
 
 def refine_view(
@@ -528,6 +669,7 @@ def assess_run(
     write_masks: bool = False,
     views: Sequence[str] | None = None,
     where: dict[str, Any] | None = None,
+    tracker: Tracker | None = None,
 ) -> dict[str, Any]:
     """Assess (and with ``write_masks`` predict) every case of ``data_dir`` with a run.
 
@@ -535,6 +677,9 @@ def assess_run(
     ``out_dir/summary.json``; with ``write_masks`` the QC-selected masks go to
     ``out_dir/masks/<subject>_<view>_<phase>_pred.nii.gz`` on the original grid with the
     original affine and header. Bad cases are reported in the summary and skipped.
+
+    With a tracker (``tracker``, else the run's configured one) the assessment is one tracked
+    run: per view the case and OoD counts and the OoD fraction, and ``summary.json``.
     """
     from qcloop.monitor.data import save_label_map
     from qcloop.monitor.plugins import get_plugin_manager
@@ -589,6 +734,21 @@ def assess_run(
         "skipped": [{"path": str(e.path), "reason": e.reason} for e in errors],
     }
     atomic.write_json(out / "summary.json", summary)
+    tracker = tracker if tracker is not None else make_tracker(cfg)
+    run_tags = {"qcloop.kind": "assess", "qcloop.run_dir": str(run.resolve())}
+    with tracker.start_run(f"assess {out.name}", tags=run_tags):
+        tracker.log_params(
+            {"data": summary["data"], "run": summary["run"], "write_masks": write_masks}
+        )
+        metrics = {"cases": float(summary["cases"]), "ood": float(summary["ood"])}
+        metrics["skipped"] = float(len(errors))
+        for view, d in per_view.items():
+            metrics[f"{view}.cases"] = float(d["cases"])
+            metrics[f"{view}.ood"] = float(d["ood"])
+            if d["cases"]:
+                metrics[f"{view}.ood_fraction"] = d["ood"] / d["cases"]
+        tracker.log_metrics(metrics)
+        _log_file(tracker, out / "summary.json")
     return summary
 
 

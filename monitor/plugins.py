@@ -57,6 +57,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "qcloop.qc_modules.plugin",
     "qcloop.plugins.thresholds",
     "qcloop.plugins.refiners",
+    "qcloop.plugins.mlflow_tracker",
     "qcloop.plugins.prometheus_exporter",
 )
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import re
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -32,6 +34,12 @@ class TrackingError(RuntimeError):
     """The tracking server or database cannot be used, or a call came outside a run."""
 
 
+def metric_key(name: str) -> str:
+    """``name`` with the characters MLflow refuses in metric and param keys replaced by ``_``
+    (``M+QC`` -> ``M_QC``)."""
+    return re.sub(r"[^A-Za-z0-9_\-. /:]", "_", str(name)) or "_"
+
+
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested mappings as dotted keys with string values (lists as JSON-like text)."""
     out: dict[str, str] = {}
@@ -41,7 +49,9 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
             out.update(flatten_params(value, f"{name}."))
         else:
             text = str(value)
-            out[name] = text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."
+            out[name] = (
+                text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."
+            )
     return out
 
 
@@ -81,9 +91,13 @@ class MlflowTracker:
     def client(self) -> Any:
         """The ``MlflowClient`` (built on first use)."""
         if self._client is None:
+            # run URLs printed to stdout would mix with the commands' own output
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
             from mlflow import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+            self._client = MlflowClient(
+                tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri
+            )
         return self._client
 
     def experiment_id(self) -> str:
@@ -149,7 +163,7 @@ class MlflowTracker:
         """Log params (nested dicts as dotted keys); MLflow params cannot change once logged."""
         from mlflow.entities import Param
 
-        items = [Param(k, v) for k, v in flatten_params(params).items()]
+        items = [Param(metric_key(k), v) for k, v in flatten_params(params).items()]
         run_id = self._active()
         for i in range(0, len(items), BATCH_SIZE):
             self.client.log_batch(run_id, params=items[i : i + BATCH_SIZE])
@@ -166,7 +180,7 @@ class MlflowTracker:
             if not math.isfinite(float(value)):
                 log.warning("metric %s = %s is not finite; not logged", key, value)
                 continue
-            items.append(Metric(str(key), float(value), now, int(step or 0)))
+            items.append(Metric(metric_key(key), float(value), now, int(step or 0)))
         run_id = self._active()
         for i in range(0, len(items), BATCH_SIZE):
             self.client.log_batch(run_id, metrics=items[i : i + BATCH_SIZE])
@@ -189,7 +203,7 @@ class MlflowTracker:
         """Set tags on the open run."""
         from mlflow.entities import RunTag
 
-        items = [RunTag(str(k), str(v)) for k, v in tags.items()]
+        items = [RunTag(metric_key(k), str(v)) for k, v in tags.items()]
         run_id = self._active()
         for i in range(0, len(items), BATCH_SIZE):
             self.client.log_batch(run_id, tags=items[i : i + BATCH_SIZE])

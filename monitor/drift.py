@@ -81,3 +81,66 @@ class RollingWindow:
         flagged = sum(1 for ood, _ in self._cases if ood)
         median = statistics.median(p for _, p in self._cases)
         return WindowStats(n, flagged / n, float(median))
+
+
+@dataclass(frozen=True)
+class DriftLimits:
+    """The drift policy of one view: judged once ``min_cases`` cases are in the window."""
+
+    min_cases: int = 10
+    ood_fraction_limit: float = 0.3
+    median_pdc_shift_limit: float = 0.1
+
+    @classmethod
+    def from_config(cls, monitoring: Any) -> DriftLimits:
+        """The limits of a ``monitoring`` configuration section."""
+        return cls(
+            min_cases=int(monitoring.min_cases),
+            ood_fraction_limit=float(monitoring.ood_fraction_limit),
+            median_pdc_shift_limit=float(monitoring.median_pdc_shift_limit),
+        )
+
+
+@dataclass(frozen=True)
+class DriftDecision:
+    """Whether a window drifted, and why (one human-readable line per broken limit)."""
+
+    alert: bool
+    reasons: tuple[str, ...]
+    stats: WindowStats
+    reference_median: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "alert": self.alert,
+            "reasons": list(self.reasons),
+            "window": self.stats.to_dict(),
+            "reference_median": self.reference_median,
+        }
+
+
+def judge_drift(
+    stats: WindowStats, reference_median: float | None, limits: DriftLimits
+) -> DriftDecision:
+    """Apply the drift policy to a window's statistics.
+
+    Alert when the window holds at least ``min_cases`` cases and either its OoD fraction is above
+    ``ood_fraction_limit`` or its median decision pDC is below ``reference_median -
+    median_pdc_shift_limit`` (the second rule needs a reference median).
+    """
+    reasons: list[str] = []
+    if stats.n >= limits.min_cases:
+        if stats.ood_fraction > limits.ood_fraction_limit:
+            reasons.append(
+                f"OoD fraction {stats.ood_fraction:.3f} > limit {limits.ood_fraction_limit:.3f} "
+                f"({stats.n} cases)"
+            )
+        if reference_median is not None and stats.median_pdc is not None:
+            floor = reference_median - limits.median_pdc_shift_limit
+            if stats.median_pdc < floor:
+                reasons.append(
+                    f"median pDC {stats.median_pdc:.3f} < reference {reference_median:.3f} - "
+                    f"{limits.median_pdc_shift_limit:.3f}"
+                )
+    return DriftDecision(bool(reasons), tuple(reasons), stats, reference_median)

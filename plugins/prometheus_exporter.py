@@ -35,6 +35,7 @@ value: the same quantities its fences judged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import Any
@@ -195,6 +196,16 @@ class QcMetrics:
             window.clear()
             self._publish(view, window)
 
+    def restore_window(self, view: str, cases: list[tuple[bool, float]]) -> None:
+        """Refill the view's rolling window with (OoD flag, decision pDC) pairs, oldest first,
+        without counting them again (a restarted monitor restores its window from its ledger)."""
+        with self._lock:
+            window = self._windows.setdefault(view, RollingWindow(self.window_size))
+            window.clear()
+            for ood, pdc in cases:
+                window.add(ood, pdc)
+            self._publish(view, window)
+
     def set_reference_median(self, view: str, median_pdc: float) -> None:
         """The reference median decision pDC the window is compared with."""
         self.pdc_reference.labels(view).set(median_pdc)
@@ -223,6 +234,9 @@ class QcMetrics:
         self.window_cases.labels(view).set(stats.n)
         if stats.median_pdc is not None:
             self.pdc_median.labels(view).set(stats.median_pdc)
+        else:  # an empty window has no median: drop the series rather than keep a stale one
+            with contextlib.suppress(KeyError):
+                self.pdc_median.remove(view)
 
     # ------------------------------------------------------------------ exposition
 

@@ -119,3 +119,20 @@ def test_rolling_window_and_decision_pdc() -> None:
     assert decision_pdc(rec) == pytest.approx((0.95 + 0.85 + 0.6) / 3)
     with pytest.raises(ValueError):
         RollingWindow(0)
+
+
+def test_window_reset_and_restore_do_not_count_cases_again(metrics: QcMetrics) -> None:
+    for ood, rv in [(True, 0.2), (False, 0.8)]:
+        metrics.observe_case(record(ood=ood, rv=rv))
+    metrics.reset_window("SA")
+    s = samples(metrics)
+    assert s[("qcloop_window_cases", (("view", "SA"),))] == 0
+    assert s[("qcloop_ood_fraction", (("view", "SA"),))] == 0
+    # an empty window has no median: no stale value for the PdcShift rule to fire on
+    assert ("qcloop_pdc_window_median", (("view", "SA"),)) not in s
+    metrics.restore_window("SA", [(True, 0.2), (False, 0.6), (True, 0.3), (True, 0.1), (True, 0.9)])
+    s = samples(metrics)
+    assert s[("qcloop_window_cases", (("view", "SA"),))] == 4  # window of 4: oldest dropped
+    assert s[("qcloop_ood_fraction", (("view", "SA"),))] == 0.75
+    assert s[("qcloop_pdc_window_median", (("view", "SA"),))] == pytest.approx(0.45)
+    assert s[("qcloop_cases_scored_total", (("model_version", "3"), ("view", "SA")))] == 2

@@ -1,0 +1,229 @@
+"""deploy/ assets for Prometheus, Alertmanager and Grafana: checked by the real tools and
+against the metrics qcloop really exports."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qcloop.monitor.config import MonitoringConfig
+from qcloop.plugins.prometheus_exporter import QcMetrics
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
+RULES = DEPLOY / "prometheus" / "rules" / "qcloop.rules.yml"
+RULES_TEST = DEPLOY / "prometheus" / "rules" / "qcloop.rules.test.yml"
+ALERTMANAGER_YML = DEPLOY / "alertmanager" / "alertmanager.yml"
+DASHBOARD = DEPLOY / "grafana" / "qcloop-dashboard.json"
+
+#: metrics of Prometheus itself that the assets may use besides qcloop's.
+PROMETHEUS_METRICS = {"up"}
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(
+            f"{name} is not installed (Debian packages prometheus / prometheus-alertmanager; "
+            ".ci/run installs them)"
+        )
+    return path
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_promtool_checks_the_rules() -> None:
+    out = _run(_tool("promtool"), "check", "rules", str(RULES))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS" in out.stdout + out.stderr
+
+
+def test_promtool_checks_the_config() -> None:
+    out = _run(_tool("promtool"), "check", "config", str(PROMETHEUS_YML))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 rule files found" in out.stdout + out.stderr
+
+
+def test_promtool_unit_tests_of_the_alert_rules_pass() -> None:
+    out = _run(_tool("promtool"), "test", "rules", str(RULES_TEST))
+    assert out.returncode == 0, out.stdout + out.stderr
+    tested = {
+        t["alertname"]
+        for group in yaml.safe_load(RULES_TEST.read_text())["tests"]
+        for t in group.get("alert_rule_test", [])
+    }
+    assert tested == {"QcloopOodFractionHigh", "QcloopPdcShift", "QcloopMonitorDown"}
+
+
+def test_amtool_checks_the_alertmanager_config() -> None:
+    out = _run(_tool("amtool"), "check-config", str(ALERTMANAGER_YML))
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_rule_limits_and_endpoints_match_the_monitor_defaults() -> None:
+    defaults = MonitoringConfig()
+    rules = {
+        r["alert"]: r
+        for g in yaml.safe_load(RULES.read_text())["groups"]
+        for r in g["rules"]
+        if "alert" in r
+    }
+    ood = " ".join(rules["QcloopOodFractionHigh"]["expr"].split())
+    assert f"qcloop_ood_fraction > {defaults.ood_fraction_limit}" in ood
+    assert f"qcloop_window_cases >= {defaults.min_cases}" in ood
+    shift = " ".join(rules["QcloopPdcShift"]["expr"].split())
+    assert f") > {defaults.median_pdc_shift_limit}" in shift
+    for name in ("QcloopOodFractionHigh", "QcloopPdcShift"):
+        assert rules[name]["labels"]["severity"]
+    prom = yaml.safe_load(PROMETHEUS_YML.read_text())
+    (job,) = [j for j in prom["scrape_configs"] if j["job_name"] == "qcloop-monitor"]
+    target = f"{defaults.metrics_host}:{defaults.metrics_port}"
+    assert job["static_configs"][0]["targets"] == [target]
+    assert prom["rule_files"] == ["rules/qcloop.rules.yml"]
+    am = yaml.safe_load(ALERTMANAGER_YML.read_text())
+    (receiver,) = [r for r in am["receivers"] if r["name"] == "qcloop-monitor"]
+    hook = receiver["webhook_configs"][0]
+    assert hook["url"].startswith("http://127.0.0.1:") and hook["url"].endswith("/alertmanager")
+    auth = hook["http_config"]["authorization"]
+    assert auth["type"] == "Bearer" and auth["credentials_file"]
+    route = am["route"]["routes"][0]
+    assert route["receiver"] == "qcloop-monitor" and "view" in am["route"]["group_by"]
+
+
+def exported_metric_names() -> set[str]:
+    """Every sample name QcMetrics can export: from its registry's families (with the
+    _total/_bucket/_sum/_count suffixes) and from a real exposition after one event each."""
+    metrics = QcMetrics(window=5)
+    names: set[str] = set()
+    for family in metrics.registry.collect():
+        if family.type == "counter":
+            names |= {f"{family.name}_total", f"{family.name}_created"}
+        elif family.type == "histogram":
+            names |= {f"{family.name}_{s}" for s in ("bucket", "sum", "count", "created")}
+        else:
+            names.add(family.name)
+    cand = {
+        s: {"pdc": 0.8, "phd_mm": 5.0, "phd95_mm": 4.0, "penalised": False}
+        for s in ["LV", "MYO", "RV"]
+    }
+    metrics.observe_case(
+        {
+            "view": "SA",
+            "phase": "ED",
+            "decision_structure": "RV",
+            "candidates": [cand],
+            "fences": {"pdc_low": 0.5, "phd_high": 30.0},
+            "ood": True,
+            "model": {"version": "1"},
+            "runtime": {"name": "torch"},
+            "latency_s": 0.1,
+        }
+    )
+    metrics.case_error("read")
+    metrics.set_reference_median("SA", 0.8)
+    metrics.drift_alert({"view": "SA", "source": "qcloop"})
+    metrics.model_refined("SA")
+    metrics.version_registered("qcloop-SA")
+    metrics.promoted("qcloop-SA", "champion")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sampled = {
+        s.name
+        for f in text_string_to_metric_families(metrics.exposition().decode())
+        for s in f.samples
+    }
+    assert sampled <= names, sampled - names
+    assert {"qcloop_pdc_bucket", "qcloop_cases_scored_total", "qcloop_ood_fraction"} <= sampled
+    return names
+
+
+#: PromQL words that look like metric names but are functions, keywords or aggregations.
+_PROMQL_WORDS = {
+    "sum", "avg", "min", "max", "count", "by", "without", "on", "ignoring", "group_left",
+    "group_right", "and", "or", "unless", "rate", "irate", "increase", "changes", "delta",
+    "histogram_quantile", "label_values", "absent", "bool", "offset", "topk", "bottomk",
+    "quantile", "stddev", "clamp_min", "clamp_max", "time", "vector", "scalar",
+}  # fmt: skip
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names referenced by a PromQL expression (labels, strings, durations removed)."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals
+    text = re.sub(r"\{[^}]*\}", "", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", "", text)  # range selectors
+    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
+    words = set(re.findall(r"(?<![\w:.$])([a-zA-Z_:][a-zA-Z0-9_:]*)", text))
+    return {w for w in words if w not in _PROMQL_WORDS}
+
+
+def _dashboard_queries(dash: dict) -> list[tuple[str, str]]:
+    queries = []
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            queries.append((panel["title"], target["expr"]))
+    for var in dash.get("templating", {}).get("list", []):
+        if var.get("type") == "query":
+            q = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+            queries.append((f"variable {var['name']}", q))
+    for ann in dash.get("annotations", {}).get("list", []):
+        if ann.get("expr"):
+            queries.append((f"annotation {ann['name']}", ann["expr"]))
+    return queries
+
+
+def test_promql_name_extraction() -> None:
+    expr = (
+        'histogram_quantile(0.5, sum by (le, view) (rate(qcloop_pdc_bucket{view=~"$view"}[5m])))'
+        ' / on (view) qcloop_window_cases and up{job="x"}'
+    )
+    assert promql_metric_names(expr) == {"qcloop_pdc_bucket", "qcloop_window_cases", "up"}
+    assert promql_metric_names("label_values(qcloop_cases_scored_total, view)") == {
+        "qcloop_cases_scored_total",
+        "view",
+    }
+
+
+def test_dashboard_queries_only_metrics_qcloop_exports() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    exported = exported_metric_names()
+    assert dash["panels"], "the dashboard has no panels"
+    used: set[str] = set()
+    for title, expr in _dashboard_queries(dash):
+        names = promql_metric_names(expr)
+        if expr.startswith("label_values("):
+            names = {expr[len("label_values(") :].split(",")[0].strip()}
+        unknown = names - exported - PROMETHEUS_METRICS
+        assert not unknown, f"{title}: {expr!r} uses metrics qcloop does not export: {unknown}"
+        used |= names
+    for panel in dash["panels"]:
+        assert panel.get("targets"), f"panel {panel['title']!r} has no query"
+    # the issue's list: pDC/pHD quantiles, OoD fraction, flagged rate, latency, lifecycle, fences
+    for needed in (
+        "qcloop_pdc_bucket",
+        "qcloop_phd_mm_bucket",
+        "qcloop_ood_fraction",
+        "qcloop_cases_flagged_total",
+        "qcloop_case_latency_seconds_bucket",
+        "qcloop_refinements_total",
+        "qcloop_promotions_total",
+        "qcloop_fence_pdc_low",
+    ):
+        assert needed in used, f"the dashboard shows no {needed}"
+
+
+def test_rules_query_only_metrics_qcloop_exports() -> None:
+    exported = exported_metric_names()
+    for group in yaml.safe_load(RULES.read_text())["groups"]:
+        records = {r["record"] for r in group["rules"] if "record" in r}
+        for rule in group["rules"]:
+            unknown = promql_metric_names(rule["expr"]) - exported - PROMETHEUS_METRICS - records
+            assert not unknown, f"{rule.get('alert') or rule.get('record')}: {unknown}"

@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -663,15 +663,20 @@ def count_still_ood(
 
 def assess_run(
     data_dir: str | Path,
-    run_dir: str | Path,
+    run_dir: str | Path | Mapping[str, str | Path],
     out_dir: str | Path,
     *,
     write_masks: bool = False,
     views: Sequence[str] | None = None,
     where: dict[str, Any] | None = None,
     tracker: Tracker | None = None,
+    model_info: Mapping[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Assess (and with ``write_masks`` predict) every case of ``data_dir`` with a run.
+
+    ``run_dir`` is one run folder, or a mapping view -> run folder (registered versions of
+    each view resolved from the registry live in separate folders); ``model_info`` adds a
+    ``model`` field (e.g. registered name and version) to each view's records.
 
     Writes ``out_dir/records.jsonl`` (one JSON record per case, in case order) and
     ``out_dir/summary.json``; with ``write_masks`` the QC-selected masks go to
@@ -685,21 +690,32 @@ def assess_run(
     from qcloop.monitor.plugins import get_plugin_manager
 
     pm = get_plugin_manager()
-    run, out = Path(run_dir), Path(out_dir)
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if isinstance(run_dir, Mapping):
+        runs = {v: Path(r) for v, r in run_dir.items() if views is None or v in views}
+        if not runs:
+            raise RunError(f"no run folder for the views {list(views or [])}")
+    else:
+        one = Path(run_dir)
+        runs = {v: one for v in (views or run_views(one))}
+    views = list(runs)
+    run = next(iter(runs.values()))
     cfg = load_run_config(run)
-    views = [v for v in (views or run_views(run))]
     all_sources = discover(data_dir, where=where)
     records: list[dict[str, Any]] = []
     errors: list[CaseError] = []
     per_view: dict[str, Any] = {}
     for view in views:
-        model_set = load_model_set(run, view, cfg)
-        pre = make_preprocessor(cfg, getattr(model_set.best, "divisor", 1))
+        view_cfg = load_run_config(runs[view]) if runs[view] != run else cfg
+        model_set = load_model_set(runs[view], view, view_cfg)
+        info = {"run": str(runs[view].resolve()), **dict((model_info or {}).get(view, {}))}
+        pre = make_preprocessor(view_cfg, getattr(model_set.best, "divisor", 1))
         cases = load_prepared([s for s in all_sources if s.view == view], pre, errors)
 
-        def emit(a: Assessed) -> None:
+        def emit(a: Assessed, info: dict[str, Any] = info) -> None:
             rec = a.scored.to_record()
+            rec["model"] = info
             labels = None
             if a.item.case.gt is not None or write_masks:
                 labels = restore_labels(a.item, _selected(a))
@@ -716,17 +732,18 @@ def assess_run(
             records.append(rec)
             pm.notify_case_scored(rec)  # one broadcast per case, after the work is done
 
-        scored = assess_prepared(model_set, cases, cfg, emit)
+        scored = assess_prepared(model_set, cases, view_cfg, emit)
         per_view[view] = {
             "cases": len(scored),
             "ood": sum(bool(s.ood) for s in scored),
-            "population": population(cfg),
+            "population": population(view_cfg),
         }
     atomic.write_text(
         out / "records.jsonl", "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
     )
     summary = {
         "run": str(run.resolve()),
+        "runs": {v: str(r.resolve()) for v, r in runs.items()},
         "data": str(Path(data_dir).resolve()),
         "views": per_view,
         "cases": len(records),

@@ -334,3 +334,72 @@ def test_bad_specs_aliases_and_folders_are_clear_errors(
 
     result = CliRunner().invoke(cli, ["models", "rollback", "nobody-SA", "--tracking-uri", uri])
     assert result.exit_code != 0 and "no registered model 'nobody-SA'" in result.output
+
+
+# --------------------------------------------------------------------------- load by alias
+
+
+def test_predict_and_assess_load_the_registered_champion_by_alias(
+    mlflow_server: MlflowServer,  # noqa: F811
+    tiny_run: Path,
+    tiny_cohort: Path,
+    tmp_path: Path,
+    events: Events,
+    prefix: str,
+) -> None:
+    uri = mlflow_server.uri
+    run = _copy_run(tiny_run, tmp_path / "run")
+    reg.register_run(run, name_prefix=prefix, alias="champion", tracking_uri=uri)
+    data = _window(tiny_cohort, tmp_path / "window")
+    out = tmp_path / "pred"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "predict",
+            "--data",
+            str(data),
+            "--model",
+            f"{prefix}@champion",
+            "--tracking-uri",
+            uri,
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert {r["view"] for r in records} == {"SA", "LA"}
+    for r in records:
+        assert r["model"]["name"] == f"{prefix}-{r['view']}" and r["model"]["version"] == "1"
+        assert Path(r["mask"]).is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["runs"]) == {"SA", "LA"}
+    # the same command with a run folder gives the same flags and selections
+    out_run = tmp_path / "pred-run"
+    result = CliRunner().invoke(
+        cli, ["assess", "--data", str(data), "--run", str(run), "--out", str(out_run)]
+    )
+    assert result.exit_code == 0, result.output
+    by_run = [json.loads(line) for line in (out_run / "records.jsonl").read_text().splitlines()]
+    assert [(r["ood"], r["selection"]) for r in by_run] == [
+        (r["ood"], r["selection"]) for r in records
+    ]
+    bad = CliRunner().invoke(
+        cli, ["predict", "--data", str(data), "--run", str(run), "--model", "x@y", "--out", "o"]
+    )
+    assert bad.exit_code != 0 and "exactly one of --run RUN or --model" in bad.output
+    missing = CliRunner().invoke(
+        cli,
+        [
+            "assess",
+            "--data",
+            str(data),
+            "--model",
+            f"{prefix}@nope",
+            "--tracking-uri",
+            uri,
+            "--out",
+            str(tmp_path / "x"),
+        ],
+    )
+    assert missing.exit_code != 0 and "nope" in missing.output

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -87,31 +89,97 @@ _view = click.option(
 )
 
 
+_run_or_model = [
+    click.option(
+        "--run",
+        "run_dir",
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        help="Run folder (or give --model).",
+    ),
+    click.option(
+        "--model",
+        "model_spec",
+        help="Registered models instead of a run folder: PREFIX@ALIAS (e.g. qcloop@champion), "
+        "PREFIX-SA@ALIAS or PREFIX-SA/VERSION.",
+    ),
+    click.option(
+        "--tracking-uri",
+        help="MLflow tracking URI for --model (default sqlite:///<cwd>/mlflow.db).",
+    ),
+]
+
+
+def _run_or_model_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_run_or_model):
+        f = option(f)
+    return f
+
+
+def _models(
+    run_dir: Path | None, model_spec: str | None, tracking_uri: str | None
+) -> tuple[Path | dict[str, Path], dict[str, dict] | None]:
+    """The run folder, or the registered versions' folders per view and their identity."""
+    if (run_dir is None) == (model_spec is None):
+        raise click.UsageError("give exactly one of --run RUN or --model PREFIX@ALIAS")
+    if run_dir is not None:
+        return run_dir, None
+    from qcloop.monitor.registry import RegistryError, resolve_model
+
+    try:
+        refs = resolve_model(str(model_spec), tracking_uri=tracking_uri)
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for v, ref in sorted(refs.items()):
+        click.echo(f"{v}: {ref.name} version {ref.version} ({', '.join(ref.aliases)})", err=True)
+    runs = {v: ref.run_dir for v, ref in refs.items()}
+    info = {v: {"name": ref.name, "version": ref.version} for v, ref in refs.items()}
+    return runs, info
+
+
 @click.command()
 @_data
-@_run
+@_run_or_model_options
 @_out
 @_view
-def assess(data_dir: Path, run_dir: Path, out_dir: Path, view: str) -> None:
+def assess(
+    data_dir: Path,
+    run_dir: Path | None,
+    model_spec: str | None,
+    tracking_uri: str | None,
+    out_dir: Path,
+    view: str,
+) -> None:
     """Score every case with all candidates and the QC module: pDC/pHD, fences, OoD flags.
 
     Writes one JSON record per case to OUT/records.jsonl and OUT/summary.json.
     """
     from qcloop.monitor.pipeline import assess_run
 
-    _print_summary(assess_run(data_dir, run_dir, out_dir, views=_views(view)), out_dir)
+    runs, info = _models(run_dir, model_spec, tracking_uri)
+    summary = assess_run(data_dir, runs, out_dir, views=_views(view), model_info=info)
+    _print_summary(summary, out_dir)
 
 
 @click.command()
 @_data
-@_run
+@_run_or_model_options
 @_out
 @_view
-def predict(data_dir: Path, run_dir: Path, out_dir: Path, view: str) -> None:
+def predict(
+    data_dir: Path,
+    run_dir: Path | None,
+    model_spec: str | None,
+    tracking_uri: str | None,
+    out_dir: Path,
+    view: str,
+) -> None:
     """Write QC-selected masks (NIfTI, original grid, affine and header) and their records."""
     from qcloop.monitor.pipeline import assess_run
 
-    summary = assess_run(data_dir, run_dir, out_dir, write_masks=True, views=_views(view))
+    runs, info = _models(run_dir, model_spec, tracking_uri)
+    summary = assess_run(
+        data_dir, runs, out_dir, write_masks=True, views=_views(view), model_info=info
+    )
     _print_summary(summary, out_dir)
     click.echo(f"masks: {out_dir / 'masks'}")
 

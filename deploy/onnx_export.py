@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import io
 import json
 import logging
@@ -38,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from qcloop.monitor import LABELS, __version__
-from qcloop.monitor.atomic import write_json
+from qcloop.monitor.atomic import sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -342,14 +341,6 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --------------------------------------------------------------------------- parity
 
 
@@ -648,7 +639,7 @@ def export_run(
                         "input": SEGMENTER_INPUT,
                         "output": SEGMENTER_OUTPUT,
                         "softmax_applied": False,
-                        "sha256": _sha256(path),
+                        "sha256": sha256_file(path),
                         "parity": figures,
                     }
                 )
@@ -699,7 +690,7 @@ def export_run(
                     "output": QC_OUTPUT,
                     "qc_input": qc.input,
                     "softmax_applied": True,
-                    "sha256": _sha256(path),
+                    "sha256": sha256_file(path),
                     "parity": figures,
                 },
             }

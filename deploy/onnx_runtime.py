@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from qcloop.deploy.onnx_export import ExportError, load_manifest
+from qcloop.monitor.atomic import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +102,6 @@ def resolve_providers(providers: Sequence[str] | str | None = None) -> list[str]
     if CPU not in resolved:
         resolved.append(CPU)
     return resolved
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _softmax_into(logits: np.ndarray, out: np.ndarray) -> None:
@@ -210,13 +202,15 @@ class OrtRuntime:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
+            # several sessions share the cores (serve workers): idle threads must not spin
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sessions = []
         for index, (rel, digest) in enumerate(zip(files, digests, strict=True)):
             path = root / rel
             role = "qc" if index == len(files) - 1 else "segmenter"
             if not path.is_file():
                 raise ExportError(f"{path}: missing (listed in {where})")
-            if digest and _sha256(path) != digest:
+            if digest and sha256_file(path) != digest:
                 raise ExportError(f"{path}: changed since the export (sha256 differs from {where})")
             try:
                 with _quiet_ort():

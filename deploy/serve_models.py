@@ -126,6 +126,7 @@ def _load_scorers(
     runtime: str,
     onnx_dir: Path | None,
     model_info: dict[str, Any],
+    threads: int | None = None,
 ) -> dict[str, Any]:
     from qcloop.monitor.data import CaseError
     from qcloop.monitor.modelset import RunError
@@ -133,7 +134,12 @@ def _load_scorers(
 
     try:
         return load_online_scorers(
-            run_dir, views, runtime=runtime, onnx_dir=onnx_dir, model_info=model_info
+            run_dir,
+            views,
+            runtime=runtime,
+            onnx_dir=onnx_dir,
+            model_info=model_info,
+            threads=threads,
         )
     except ImportError as exc:
         raise SourceError(
@@ -154,6 +160,7 @@ class RunSource:
         run_dir: the run folder.
         onnx_dir: ONNX export used with ``runtime="onnxruntime"`` (default ``RUN/onnx``).
         model_info: identity copied into every record (``version``, ``name``...).
+        threads: intra-op threads of each ONNX Runtime session (``None``: its default).
     """
 
     dynamic = False
@@ -164,7 +171,9 @@ class RunSource:
         *,
         onnx_dir: str | Path | None = None,
         model_info: dict[str, Any] | None = None,
+        threads: int | None = None,
     ) -> None:
+        self.threads = threads
         self.run_dir = Path(run_dir)
         self.onnx_dir = Path(onnx_dir) if onnx_dir is not None else self.run_dir / "onnx"
         self.model_info = dict(model_info or {})
@@ -193,7 +202,7 @@ class RunSource:
             )
         info = dict(self.model_info)
         info.setdefault("version", _run_version(self.run_dir))
-        scorers = _load_scorers(self.run_dir, None, runtime, self.onnx_dir, info)
+        scorers = _load_scorers(self.run_dir, None, runtime, self.onnx_dir, info, self.threads)
         return bundle_from_scorers(scorers, self.fingerprint(), runtime)
 
 
@@ -212,7 +221,8 @@ class RegistrySource:
     Its fingerprint is the version the alias selects for each view (a registry query, no
     download). ``load`` resolves the versions into local run folders; with ``onnxruntime`` a
     version folder without an ``onnx/`` export is exported once (with the parity check) into
-    ``onnx_cache`` (default: beside the downloaded versions).
+    ``onnx_cache`` (default: beside the downloaded versions). ``threads``: intra-op threads of
+    each ONNX Runtime session (``None``: its default).
     """
 
     dynamic = True
@@ -224,7 +234,9 @@ class RegistrySource:
         *,
         cache_dir: str | Path | None = None,
         onnx_cache: str | Path | None = None,
+        threads: int | None = None,
     ) -> None:
+        self.threads = threads
         self.spec = spec
         self.tracking_uri = tracking_uri
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
@@ -272,7 +284,7 @@ class RegistrySource:
                 "aliases": sorted(ref.aliases),
                 "spec": self.spec,
             }
-            scorers.update(_load_scorers(run_dir, [view], runtime, onnx_dir, info))
+            scorers.update(_load_scorers(run_dir, [view], runtime, onnx_dir, info, self.threads))
         versions = {view: str(ref.version) for view, ref in refs.items()}
         return bundle_from_scorers(scorers, _versions_fingerprint(versions), runtime)
 

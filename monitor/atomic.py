@@ -1,12 +1,13 @@
 """Atomic file writes: write to a temporary file in the same folder, then rename.
 
 A crash never leaves a half-written model, record or output file: readers see the old file or
-the new one, nothing in between.
+the new one, nothing in between. Also the content digest used to check files written this way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -55,3 +56,12 @@ def torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's content (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

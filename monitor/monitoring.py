@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as dt
-import hashlib
 import io
 import json
 import logging
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from qcloop.monitor import atomic
+from qcloop.monitor.atomic import sha256_file
 from qcloop.monitor.config import QcloopConfig, RefinementConfig
 from qcloop.monitor.data import CaseError, CaseSource
 from qcloop.monitor.drift import (
@@ -82,15 +82,6 @@ _SOURCE_QCLOOP = "qcloop"
 
 def _utc() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's content."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- models

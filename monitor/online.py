@@ -23,6 +23,7 @@ from qcloop.monitor.assessment import ScoredCase, pseudo_metrics, selected_proba
 from qcloop.monitor.config import QcloopConfig
 from qcloop.monitor.data import Case, CaseError
 from qcloop.monitor.data.preprocess import Preprocessor
+from qcloop.monitor.pipeline import make_preprocessor, record_key
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,6 @@ class OnlineScorer:
         cfg: QcloopConfig,
         model_info: dict[str, Any] | None = None,
     ) -> None:
-        from qcloop.monitor.pipeline import make_preprocessor
 
         if not fences:
             raise ValueError(
@@ -175,14 +175,7 @@ class OnlineScorer:
         t3 = time.perf_counter()
         src = case.source
         scored = ScoredCase(
-            key={
-                "subject": src.subject,
-                "view": src.view,
-                "phase": src.phase,
-                "vendor": src.vendor,
-                "disease": src.disease,
-                "image": str(src.image_path),
-            },
+            key=record_key(src),
             spacing=spacing,
             candidates=per_candidate,
             decision_structure=self.decision_structure,
@@ -212,11 +205,14 @@ def load_online_scorers(
     runtime: str = "torch",
     onnx_dir: str | Path | None = None,
     model_info: dict[str, Any] | None = None,
+    threads: int | None = None,
 ) -> dict[str, OnlineScorer]:
     """One :class:`OnlineScorer` per view of a run folder.
 
     ``runtime="onnxruntime"`` runs the ONNX models exported by ``qcloop export-onnx`` from
-    ``onnx_dir`` (default ``RUN/onnx``); ``"torch"`` runs the PyTorch weights.
+    ``onnx_dir`` (default ``RUN/onnx``) with ``threads`` intra-op threads per session
+    (ONNX Runtime's default when ``None``); ``"torch"`` runs the PyTorch weights (torch's
+    thread count is process-wide: set it with ``torch.set_num_threads``).
     """
     from qcloop.monitor.modelset import load_model_set, load_run_config, run_views
 
@@ -231,7 +227,7 @@ def load_online_scorers(
         elif runtime == "onnxruntime":
             from qcloop.deploy.onnx_runtime import OrtRuntime
 
-            rt = OrtRuntime.from_export(Path(onnx_dir or run / "onnx"), view)
+            rt = OrtRuntime.from_export(Path(onnx_dir or run / "onnx"), view, threads=threads)
         else:
             raise ValueError(f"unknown runtime {runtime!r}: expected 'torch' or 'onnxruntime'")
         scorers[view] = OnlineScorer(view, rt, model_set.fences, cfg, info)

@@ -47,6 +47,18 @@ log = logging.getLogger(__name__)
 VAL_SPLITS = ("val", "validation")
 
 
+def record_key(src: CaseSource) -> dict[str, Any]:
+    """Identity fields of a case's JSON record: subject, view, phase, vendor, disease, image."""
+    return {
+        "subject": src.subject,
+        "view": src.view,
+        "phase": src.phase,
+        "vendor": src.vendor,
+        "disease": src.disease,
+        "image": str(src.image_path),
+    }
+
+
 @dataclass
 class PreparedCase:
     """A loaded case and its network-grid version."""
@@ -57,15 +69,7 @@ class PreparedCase:
     @property
     def key(self) -> dict[str, Any]:
         """Identity fields of the case's JSON record."""
-        src = self.case.source
-        return {
-            "subject": src.subject,
-            "view": src.view,
-            "phase": src.phase,
-            "vendor": src.vendor,
-            "disease": src.disease,
-            "image": str(src.image_path),
-        }
+        return record_key(self.case.source)
 
     @property
     def net_spacing(self) -> tuple[float, float, float]:

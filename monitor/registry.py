@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qcloop.monitor.atomic import sha256_file
+
 if TYPE_CHECKING:  # pragma: no cover
     from qcloop.monitor.config import QcloopConfig
 
@@ -265,16 +267,8 @@ def _model_files(run_dir: Path, view: str) -> list[str]:
     return files
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _file_digests(run_dir: Path, view: str) -> dict[str, str]:
-    return {f: _sha256(run_dir / f) for f in _model_files(run_dir, view)}
+    return {f: sha256_file(run_dir / f) for f in _model_files(run_dir, view)}
 
 
 def _combine(digests: dict[str, str]) -> str:
@@ -312,7 +306,7 @@ def _verify(folder: Path, view: str, digest: str | None) -> None:
         raise RegistryError(f"{path}: missing or unreadable model manifest ({exc})") from exc
     for rel, expected in files.items():
         f = folder / rel
-        if not f.is_file() or _sha256(f) != expected:
+        if not f.is_file() or sha256_file(f) != expected:
             raise RegistryError(f"{f}: missing or differs from the registered model's manifest")
     if manifest.get("view") != view or (digest and _combine(files) != digest):
         raise RegistryError(f"{path}: does not describe the registered {view} version")

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from qcloop.monitor.config import QcloopConfig
 from qcloop.monitor.plugins import (
     DISABLE_AUTOLOAD_ENV,
     LOAD_PLUGINS_ENV,
     reset_plugin_manager,
 )
+from tests.helpers import tiny_run_config
 
 
 @pytest.fixture
@@ -24,43 +24,6 @@ def plugin_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
     reset_plugin_manager()
     yield monkeypatch
     reset_plugin_manager()
-
-
-def tiny_run_config() -> QcloopConfig:
-    """A model set small enough to train in seconds: for tests of what consumes a run (export,
-    serving, monitoring, tracking), not of segmentation quality."""
-    return QcloopConfig.model_validate(
-        {
-            "seed": 0,
-            "preprocessing": {"size": 64, "target_spacing_mm": 4.0},
-            "segmenter": {"name": "bn2", "params": {"base_width": 8, "depth": 4}},
-            "training": {
-                "epochs": 4,
-                "batch_size": 8,
-                "m_best": 2,
-                "max_slices_per_epoch": 64,
-                "min_steps": 300,
-            },
-            "qc": {
-                "module": {
-                    "name": "autoencoder",
-                    "params": {
-                        "width_scale": 0.25,
-                        "latent_channels": 32,
-                        "dropout": 0.1,
-                        "lr": 2e-3,
-                    },
-                },
-                "epochs": 30,
-                "batch_size": 8,
-                "min_steps": 150,
-            },
-            "refinement": {
-                "refiner": {"name": "alpha", "params": {"max_slices_per_epoch": 16}},
-                "k_semi": 1,
-            },
-        }
-    )
 
 
 #: For local iteration only: a folder holding ``data/`` and ``run/`` made by these fixtures (see
@@ -95,12 +58,20 @@ def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder (both views) trained once per session on ``tiny_cohort`` with
-    :func:`tiny_run_config`. Read-only: copy it (``shutil.copytree``) before changing it."""
-    from qcloop.monitor.pipeline import train_run
+    :func:`tests.helpers.tiny_run_config`, through ``qcloop train``. Read-only: copy it
+    (``shutil.copytree``) before changing it."""
+    from click.testing import CliRunner
+
+    from qcloop.monitor.cli import cli
+    from qcloop.monitor.config import save_config
 
     cached = _cache("run")
     if cached is not None:
         return cached
-    run = tmp_path_factory.mktemp("tiny-run") / "run"
-    train_run(tiny_cohort, run, tiny_run_config())
+    root = tmp_path_factory.mktemp("tiny-run")
+    save_config(tiny_run_config(), root / "config.yaml")
+    run = root / "run"
+    args = ["train", "--data", str(tiny_cohort), "--out", str(run)]
+    result = CliRunner().invoke(cli, [*args, "--config", str(root / "config.yaml")])
+    assert result.exit_code == 0, result.output
     return run

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from qcloop.monitor.config import QcloopConfig
+
 
 def heart_slices(n: int, size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``n`` slices: images ``(n, size, size)`` float32 and labels ``(n, size, size)`` uint8
@@ -27,3 +29,40 @@ def heart_slices(n: int, size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.
         images[i] = img + rng.normal(0, 0.05, img.shape).astype(np.float32)
     images = (images - images.mean()) / images.std()
     return images, labels
+
+
+def tiny_run_config() -> QcloopConfig:
+    """A model set small enough to train in seconds: for tests of what consumes a run (export,
+    serving, monitoring, tracking), not of segmentation quality."""
+    return QcloopConfig.model_validate(
+        {
+            "seed": 0,
+            "preprocessing": {"size": 64, "target_spacing_mm": 4.0},
+            "segmenter": {"name": "bn2", "params": {"base_width": 8, "depth": 4}},
+            "training": {
+                "epochs": 4,
+                "batch_size": 8,
+                "m_best": 2,
+                "max_slices_per_epoch": 64,
+                "min_steps": 300,
+            },
+            "qc": {
+                "module": {
+                    "name": "autoencoder",
+                    "params": {
+                        "width_scale": 0.25,
+                        "latent_channels": 32,
+                        "dropout": 0.1,
+                        "lr": 2e-3,
+                    },
+                },
+                "epochs": 30,
+                "batch_size": 8,
+                "min_steps": 150,
+            },
+            "refinement": {
+                "refiner": {"name": "alpha", "params": {"max_slices_per_epoch": 16}},
+                "k_semi": 1,
+            },
+        }
+    )

@@ -11,77 +11,19 @@ import pytest
 from click.testing import CliRunner
 
 from qcloop.monitor.cli import cli
-from qcloop.monitor.config import QcloopConfig, save_config
+from tests.helpers import tiny_run_config
 
 pytestmark = pytest.mark.slow
 
 
-def tiny_config() -> QcloopConfig:
-    return QcloopConfig.model_validate(
-        {
-            "seed": 0,
-            "preprocessing": {"size": 64, "target_spacing_mm": 4.0},
-            "segmenter": {"name": "bn2", "params": {"base_width": 8, "depth": 4}},
-            "training": {
-                "epochs": 4,
-                "batch_size": 8,
-                "m_best": 2,
-                "max_slices_per_epoch": 64,
-                "min_steps": 300,
-            },
-            "qc": {
-                "module": {
-                    "name": "autoencoder",
-                    "params": {
-                        "width_scale": 0.25,
-                        "latent_channels": 32,
-                        "dropout": 0.1,
-                        "lr": 2e-3,
-                    },
-                },
-                "epochs": 30,
-                "batch_size": 8,
-                "min_steps": 150,
-            },
-            "refinement": {
-                "refiner": {"name": "alpha", "params": {"max_slices_per_epoch": 16}},
-                "k_semi": 1,
-            },
-        }
-    )
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    from qcloop.monitor.phantoms import write_cohort
-
-    root = tmp_path_factory.mktemp("tiny")
-    write_cohort(root / "data", preset="tiny", seed=0, workers=1)
-    return root
-
-
-@pytest.fixture(scope="module")
-def trained(cohort):
-    cfg_path = cohort / "config.yaml"
-    save_config(tiny_config(), cfg_path)
-    result = CliRunner().invoke(
-        cli,
-        [
-            "train",
-            "--data",
-            str(cohort / "data"),
-            "--out",
-            str(cohort / "run"),
-            "--config",
-            str(cfg_path),
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    return cohort
+@pytest.fixture
+def trained(tiny_cohort, tiny_run):
+    """The session's tiny cohort and the run ``qcloop train`` made of it (both read-only)."""
+    return {"data": tiny_cohort, "run": tiny_run}
 
 
 def test_train_writes_a_loadable_model_set(trained) -> None:
-    run = trained / "run"
+    run = trained["run"]
     info = json.loads((run / "run.json").read_text())
     assert set(info["views"]) == {"SA", "LA"}
     for view in ("SA", "LA"):
@@ -94,7 +36,7 @@ def test_train_writes_a_loadable_model_set(trained) -> None:
 
 
 def test_assess_and_predict(trained, tmp_path) -> None:
-    data, run = trained / "data", trained / "run"
+    data, run = trained["data"], trained["run"]
     out = tmp_path / "pred"
     result = CliRunner().invoke(
         cli, ["predict", "--data", str(data), "--run", str(run), "--out", str(out)]
@@ -123,7 +65,7 @@ def test_a_bad_case_is_reported_and_the_others_kept(trained, tmp_path) -> None:
     import shutil
 
     data = tmp_path / "data"
-    shutil.copytree(trained / "data", data)
+    shutil.copytree(trained["data"], data)
     victim = sorted(data.glob("*/*_SA_ED.nii.gz"))[0]
     victim.write_bytes(victim.read_bytes()[:200])  # truncated gzip
     out = tmp_path / "assess"
@@ -134,7 +76,7 @@ def test_a_bad_case_is_reported_and_the_others_kept(trained, tmp_path) -> None:
             "--data",
             str(data),
             "--run",
-            str(trained / "run"),
+            str(trained["run"]),
             "--out",
             str(out),
             "--view",
@@ -149,14 +91,14 @@ def test_a_bad_case_is_reported_and_the_others_kept(trained, tmp_path) -> None:
 
 
 def test_refine_writes_a_new_model_set_beside_the_original(trained, tmp_path) -> None:
-    run, out = trained / "run", tmp_path / "refined"
+    run, out = trained["run"], tmp_path / "refined"
     before = {p: p.read_bytes() for p in run.rglob("*.pt")}
     result = CliRunner().invoke(
         cli,
         [
             "refine",
             "--data",
-            str(trained / "data"),
+            str(trained["data"]),
             "--run",
             str(run),
             "--out",
@@ -176,7 +118,7 @@ def test_refine_writes_a_new_model_set_beside_the_original(trained, tmp_path) ->
         [
             "assess",
             "--data",
-            str(trained / "data"),
+            str(trained["data"]),
             "--run",
             str(out),
             "--out",
@@ -189,7 +131,7 @@ def test_refine_writes_a_new_model_set_beside_the_original(trained, tmp_path) ->
 def test_demo_ablation_schema(tmp_path) -> None:
     from qcloop.monitor.demo import run_demo
 
-    result = run_demo(tmp_path / "demo", preset="tiny", config=tiny_config(), workers=1)
+    result = run_demo(tmp_path / "demo", preset="tiny", config=tiny_run_config(), workers=1)
     saved = json.loads((tmp_path / "demo" / "ablation.json").read_text())
     assert saved["rows"] == result["rows"]
     configs = {(r["config"], r["vendor"], r["view"]) for r in saved["rows"]}
@@ -229,9 +171,9 @@ def test_assess_broadcasts_case_scored_events(trained, tmp_path) -> None:
             [
                 "assess",
                 "--data",
-                str(trained / "data"),
+                str(trained["data"]),
                 "--run",
-                str(trained / "run"),
+                str(trained["run"]),
                 "--out",
                 str(tmp_path / "a"),
                 "--view",

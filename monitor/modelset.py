@@ -113,15 +113,23 @@ def load_model_set(run: str | Path, view: str, config: QcloopConfig | None = Non
         raise RunError(f"{qc_path}: missing QC module")
     qc = build_qc_module(cfg.qc.module.name, qc_params(cfg, view))
     qc.load_state_dict(torch.load(qc_path, weights_only=True))
-    fences = {}
-    fences_path = view_dir / "fences.json"
-    if fences_path.exists():
-        from qcloop.plugins.thresholds import Fences
+    return ModelSet(
+        view=view,
+        candidates=candidates,
+        candidate_info=entries,
+        qc=qc,
+        fences=load_fences(run, view),
+    )
 
-        fences = {
-            phase: Fences.from_dict(d) for phase, d in json.loads(fences_path.read_text()).items()
-        }
-    return ModelSet(view=view, candidates=candidates, candidate_info=entries, qc=qc, fences=fences)
+
+def load_fences(run: str | Path, view: str) -> dict[str, Any]:
+    """Reference fences of ``view`` per phase (``"all"`` pooled); empty when not calibrated."""
+    fences_path = Path(run) / view / "fences.json"
+    if not fences_path.exists():
+        return {}
+    from qcloop.plugins.thresholds import Fences
+
+    return {phase: Fences.from_dict(d) for phase, d in json.loads(fences_path.read_text()).items()}
 
 
 def qc_params(cfg: QcloopConfig, view: str, n_masks: int | None = None) -> dict[str, Any]:

@@ -214,23 +214,25 @@ def load_online_scorers(
     (ONNX Runtime's default when ``None``); ``"torch"`` runs the PyTorch weights (torch's
     thread count is process-wide: set it with ``torch.set_num_threads``).
     """
-    from qcloop.monitor.modelset import load_model_set, load_run_config, run_views
+    from qcloop.monitor.modelset import load_fences, load_model_set, load_run_config, run_views
 
     run = Path(run_dir)
     cfg = load_run_config(run)
     info = {"run": str(run.resolve()), **(model_info or {})}
     scorers = {}
+    if runtime not in ("torch", "onnxruntime"):
+        raise ValueError(f"unknown runtime {runtime!r}: expected 'torch' or 'onnxruntime'")
     for view in views or run_views(run):
-        model_set = load_model_set(run, view, cfg)
         if runtime == "torch":
+            model_set = load_model_set(run, view, cfg)
             rt: Runtime = TorchRuntime(model_set, cfg.preprocessing.size)
-        elif runtime == "onnxruntime":
+            fences = model_set.fences
+        else:  # the exported models only: no PyTorch module is built
             from qcloop.deploy.onnx_runtime import OrtRuntime
 
             rt = OrtRuntime.from_export(Path(onnx_dir or run / "onnx"), view, threads=threads)
-        else:
-            raise ValueError(f"unknown runtime {runtime!r}: expected 'torch' or 'onnxruntime'")
-        scorers[view] = OnlineScorer(view, rt, model_set.fences, cfg, info)
+            fences = load_fences(run, view)
+        scorers[view] = OnlineScorer(view, rt, fences, cfg, info)
     if not scorers:
         raise CaseError(run, "the run has no trained view")
     return scorers

@@ -117,18 +117,22 @@ def pseudo_metrics(
     scores = compute_metrics(
         labels, reconstruction, spacing, voxel_units=voxel_units, structures=tuple(structures)
     )
-    present = {name: bool(np.any(labels == _label(name))) for name in scores}
-    if all(present.values()):
+    absent = set(missing_structures(labels, tuple(scores)))
+    if not absent:
         return scores
     fov = fov_diagonal_mm(labels.shape, [1.0] * labels.ndim if voxel_units else spacing)
     missing = StructureScores(dice=0.0, hd=fov, hd95=fov, penalised=True)
-    return {name: value if present[name] else missing for name, value in scores.items()}
+    return {name: missing if name in absent else value for name, value in scores.items()}
 
 
-def _label(name: str) -> int:
+def missing_structures(
+    labels: np.ndarray, structures: Sequence[str] = STRUCTURE_NAMES
+) -> list[str]:
+    """The structures absent from a whole case's label stack (implausible for a cardiac SA or
+    LA acquisition): the QC penalty, and the refiners' test of a usable pseudo label."""
     from qcloop.monitor import STRUCTURES
 
-    return STRUCTURES[name]
+    return [name for name in structures if not np.any(labels == STRUCTURES[name])]
 
 
 class Assessor:

@@ -533,18 +533,25 @@ def refine_run(
 
 
 def _log_refinement(tracker: Tracker, result: dict[str, Any]) -> None:
-    """A view's refinement as metrics: window counts, and per candidate ``c<i>.loss`` /
-    ``c<i>.ood`` per epoch with ``c<i>.ood_before`` / ``c<i>.ood_after``."""
+    """A view's refinement as metrics: window counts, and per candidate the numbers of each
+    epoch (``c<i>.loss``, ``c<i>.ood``, ``c<i>.skipped_cases`` as a count...) with
+    ``c<i>.ood_before`` / ``c<i>.ood_after``."""
     tracker.log_metrics(
         {"window_cases": float(result["cases"]), "window_ood": float(result["flagged"])}
     )
     for i, h in enumerate(result.get("history") or []):
         for e in h.get("epochs") or []:
             step = int(e.get("epoch", 0))
-            tracker.log_metrics({f"c{i}.{k}": v for k, v in e.items() if k != "epoch"}, step=step)
+            metrics = {}
+            for k, v in e.items():
+                if isinstance(v, list | tuple):
+                    v = len(v)
+                if k != "epoch" and isinstance(v, int | float) and not isinstance(v, bool):
+                    metrics[f"c{i}.{k}"] = float(v)
+            tracker.log_metrics(metrics, step=step)
         before = h.get("ood_before")
         epochs = h.get("epochs") or []
-        after = epochs[-1].get("ood") if epochs else before
+        after = next((e["ood"] for e in reversed(epochs) if "ood" in e), before)
         if isinstance(before, int | float) and isinstance(after, int | float):
             tracker.log_metrics(
                 {f"c{i}.ood_before": float(before), f"c{i}.ood_after": float(after)}

@@ -64,6 +64,8 @@ class AlphaRefiner:
         batch_size: flagged slices per step (paired with as many labelled slices).
         max_slices_per_epoch: cap on flagged slices visited per epoch (None = all).
         seed: shuffling seed.
+        skip_incomplete: leave out of an epoch's semi-supervised loss the flagged cases whose
+            pseudo label misses a whole structure (see :func:`usable_pseudo_labels`).
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class AlphaRefiner:
         batch_size: int = 8,
         max_slices_per_epoch: int | None = None,
         seed: int = 0,
+        skip_incomplete: bool = True,
     ) -> None:
         if k_semi < 0:
             raise ValueError(f"k_semi must be >= 0, got {k_semi}")
@@ -83,6 +86,7 @@ class AlphaRefiner:
         self.batch_size = batch_size
         self.max_slices_per_epoch = max_slices_per_epoch
         self.seed = seed
+        self.skip_incomplete = skip_incomplete
 
     def refine(
         self,
@@ -113,10 +117,21 @@ class AlphaRefiner:
         history["stopped"] = "k_semi reached"
         for k in range(1, self.k_semi + 1):
             alpha = 1.0 / k
-            n_u = len(x_u_all)
-            order = torch.randperm(n_u, generator=gen)[: self.max_slices_per_epoch or n_u]
-            # pseudo labels R(M(x)) of this epoch's slices, from the model as it starts the epoch
-            pseudo = _pseudo_labels(model, qc, x_u_all[order], self.batch_size)
+            # pseudo labels R(M(x)) of every flagged slice, from the model as it starts the epoch
+            pseudo_all = _pseudo_labels(model, qc, x_u_all, self.batch_size)
+            usable, skipped = usable_pseudo_labels(pseudo_all, flagged, self.skip_incomplete)
+            if len(usable) == 0:
+                history["epochs"].append({"epoch": k, "alpha": alpha, "skipped_cases": skipped})
+                history["stopped"] = "no usable pseudo label"
+                log.warning(
+                    "alpha refinement epoch %d: every flagged case's pseudo label misses a "
+                    "structure; nothing to refine on",
+                    k,
+                )
+                break
+            n_u = len(usable)
+            order = usable[torch.randperm(n_u, generator=gen)[: self.max_slices_per_epoch or n_u]]
+            pseudo = pseudo_all[order]
             model.train()
             losses = []
             for i in range(0, len(order), self.batch_size):
@@ -136,15 +151,23 @@ class AlphaRefiner:
                 opt.step()
                 losses.append(float(loss.detach()))
             remaining = still_ood(model)
-            record = {"epoch": k, "alpha": alpha, "loss": float(np.mean(losses)), "ood": remaining}
+            record = {
+                "epoch": k,
+                "alpha": alpha,
+                "loss": float(np.mean(losses)),
+                "ood": remaining,
+                "skipped_cases": skipped,
+            }
             history["epochs"].append(record)
             if log_metrics is not None:
                 log_metrics({"refine_loss": record["loss"], "refine_ood": float(remaining)}, k)
             log.info(
-                "alpha refinement epoch %d: loss %.4f, %d case(s) still OoD",
+                "alpha refinement epoch %d: loss %.4f, %d case(s) still OoD, %d case(s) left "
+                "out (pseudo label misses a structure)",
                 k,
                 record["loss"],
                 remaining,
+                len(skipped),
             )
             if remaining == 0:
                 history["stopped"] = "no OoD case left"
@@ -163,6 +186,8 @@ class BlendRefiner:
         rv_label: label of the structure the OoD loss is restricted to (RV = 3).
         max_slices_per_epoch: cap on labelled slices per supervised epoch (None = all).
         seed: shuffling seed.
+        skip_incomplete: skip the OoD step of a case whose pseudo label misses a whole
+            structure (see :func:`usable_pseudo_labels`); ``False`` is the authors' code.
     """
 
     def __init__(
@@ -173,6 +198,7 @@ class BlendRefiner:
         rv_label: int = 3,
         max_slices_per_epoch: int | None = None,
         seed: int = 0,
+        skip_incomplete: bool = True,
     ) -> None:
         self.epochs = epochs
         self.lr = lr
@@ -180,6 +206,7 @@ class BlendRefiner:
         self.rv_label = rv_label
         self.max_slices_per_epoch = max_slices_per_epoch
         self.seed = seed
+        self.skip_incomplete = skip_incomplete
 
     def refine(
         self,
@@ -195,6 +222,7 @@ class BlendRefiner:
         import torch
         import torch.nn.functional as F
 
+        from qcloop.monitor.assessment import missing_structures
         from qcloop.monitor.losses import SupervisedLoss
 
         history = _start_history("blend", model, flagged, still_ood)
@@ -227,6 +255,7 @@ class BlendRefiner:
                 opt.step()
                 sup_losses.append(float(loss.detach()))
             ood_losses = []
+            skipped = []
             for c in torch.randperm(len(cases), generator=gen).tolist():
                 with torch.no_grad():
                     model.eval()
@@ -234,6 +263,9 @@ class BlendRefiner:
                         qc.reconstruct(torch.softmax(model(cases[c]), 1).numpy())
                     )
                     target = (t * p_best[c] + (1 - t) * recon).argmax(1)
+                if self.skip_incomplete and missing_structures(target.numpy()):
+                    skipped.append(c)
+                    continue
                 model.train()  # BatchNorm statistics adapt on OoD cases, as in the authors' code
                 out = model(cases[c])
                 logits = out[0] if isinstance(out, list | tuple) else out
@@ -255,8 +287,9 @@ class BlendRefiner:
                 "epoch": epoch + 1,
                 "t": t,
                 "sup_loss": float(np.mean(sup_losses)) if sup_losses else 0.0,
-                "ood_loss": float(np.mean(ood_losses)),
+                "ood_loss": float(np.mean(ood_losses)) if ood_losses else 0.0,
                 "ood": remaining,
+                "skipped_cases": sorted(skipped),
             }
             history["epochs"].append(record)
             if log_metrics is not None:
@@ -277,6 +310,37 @@ def _start_history(
     if len(flagged) == 0 or history["ood_before"] == 0:
         history["stopped"] = "no OoD case"
     return history
+
+
+def usable_pseudo_labels(
+    pseudo: torch.Tensor, flagged: FlaggedSet, skip_incomplete: bool = True
+) -> tuple[torch.Tensor, list[int]]:
+    """Indices of the flagged slices whose case has a usable pseudo label, and the skipped cases.
+
+    A pseudo label (per case, the stack of ``pseudo`` slices, ``(N, C, S, S)`` over all flagged
+    slices in case order) that misses a whole structure is no plausible heart: it is what the QC
+    module reconstructs when the prediction it was given is far off (a misplaced blob comes back
+    as no RV at all). Training towards it teaches the segmenter to drop the structure, turning a
+    poor segmentation into a missing one, so such cases are left out of this epoch's
+    semi-supervised loss (they stay flagged, and the supervised term still anchors the model).
+    """
+    import torch
+
+    from qcloop.monitor.assessment import missing_structures
+
+    labels = pseudo.argmax(1).numpy()
+    keep: list[torch.Tensor] = []
+    skipped: list[int] = []
+    start = 0
+    for case, image in enumerate(flagged.images):
+        stop = start + len(image)
+        if skip_incomplete and missing_structures(labels[start:stop]):
+            skipped.append(case)
+        else:
+            keep.append(torch.arange(start, stop))
+        start = stop
+    usable = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long)
+    return usable, skipped
 
 
 def _pseudo_labels(

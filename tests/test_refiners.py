@@ -135,3 +135,89 @@ def test_blend_refiner_changes_weights_deterministically(setup) -> None:
         BlendRefiner().refine(
             copy.deepcopy(model), OracleQC(y_u[0]), FlaggedSet([x_u]), labelled, lambda _: 1
         )
+
+
+class NoRvQC(OracleQC):
+    """A QC module whose reconstruction has lost the RV (what R returns for a misplaced blob)."""
+
+    def __init__(self, label: np.ndarray) -> None:
+        super().__init__(np.where(label == 3, 0, label))
+
+
+def test_pseudo_labels_missing_a_structure_are_left_out() -> None:
+    from qcloop.plugins.refiners import usable_pseudo_labels
+
+    full = np.zeros((3, 8, 8), np.int64)
+    full[:, 1, 1], full[:, 2, 2], full[:, 3, 3] = 1, 2, 3
+    no_rv = np.where(full == 3, 0, full)
+    no_rv[1, 4, 4] = 3  # one slice of the case still has RV: the case is complete
+    gone = np.where(full == 3, 0, full)  # no RV in any slice of the case
+    pseudo = one_hot(torch.from_numpy(np.concatenate([full, no_rv, gone, full[:1]])), 4)
+    flagged = FlaggedSet(images=[np.zeros((3, 8, 8))] * 3 + [np.zeros((1, 8, 8))])
+    usable, skipped = usable_pseudo_labels(pseudo, flagged)
+    assert skipped == [2]
+    assert usable.tolist() == [0, 1, 2, 3, 4, 5, 9]
+    usable, skipped = usable_pseudo_labels(pseudo, flagged, skip_incomplete=False)
+    assert skipped == [] and usable.tolist() == list(range(10))
+
+
+def test_refiners_do_not_train_towards_a_pseudo_label_without_rv(setup) -> None:
+    """A reconstruction that lost the RV would teach the segmenter to drop it: with every
+    flagged case in that state, alpha refines nothing and blend takes no OoD step; with
+    ``skip_incomplete=False`` the refiner trains on it."""
+    model, x_u, y_u, labelled = setup
+    flagged = FlaggedSet(images=[x_u[:8], x_u[8:]])
+    m = copy.deepcopy(model)
+    history = AlphaRefiner(k_semi=2, seed=0).refine(
+        m, NoRvQC(y_u[0]), flagged, labelled, lambda _: 2
+    )
+    assert history["stopped"] == "no usable pseudo label"
+    assert history["epochs"] == [{"epoch": 1, "alpha": 1.0, "skipped_cases": [0, 1]}]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in m.state_dict().items())
+
+    naive = copy.deepcopy(model)
+    history = AlphaRefiner(k_semi=1, lr=1e-3, seed=0, skip_incomplete=False).refine(
+        naive, NoRvQC(y_u[0]), flagged, labelled, lambda _: 2
+    )
+    assert history["epochs"][0]["skipped_cases"] == []
+    assert any(
+        not torch.equal(v, model.state_dict()[k])
+        for k, v in naive.state_dict().items()
+        if v.is_floating_point()
+    )
+
+    sel = [
+        one_hot(torch.from_numpy(np.zeros((len(x), 64, 64), np.int64)), 4).numpy()
+        for x in flagged.images
+    ]
+    blend = FlaggedSet(images=flagged.images, selected=sel)
+    history = BlendRefiner(epochs=1, max_slices_per_epoch=8, seed=0).refine(
+        copy.deepcopy(model), NoRvQC(y_u[0]), blend, labelled, lambda _: 1
+    )
+    assert history["epochs"][0]["skipped_cases"] == [0, 1]
+    assert history["epochs"][0]["ood_loss"] == 0.0
+
+
+def test_refinement_history_reaches_the_tracker_as_numbers() -> None:
+    from qcloop.monitor.pipeline import _log_refinement
+
+    logged: list[tuple[dict[str, float], int | None]] = []
+
+    class Recorder:
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            logged.append((metrics, step))
+
+    history = {
+        "ood_before": 2,
+        "epochs": [
+            {"epoch": 1, "alpha": 1.0, "loss": 0.5, "ood": 1, "skipped_cases": [3]},
+            {"epoch": 2, "alpha": 0.5, "skipped_cases": [0, 1]},  # stopped: nothing usable
+        ],
+    }
+    _log_refinement(Recorder(), {"cases": 4, "flagged": 2, "history": [history]})
+    assert logged == [
+        ({"window_cases": 4.0, "window_ood": 2.0}, None),
+        ({"c0.alpha": 1.0, "c0.loss": 0.5, "c0.ood": 1.0, "c0.skipped_cases": 1.0}, 1),
+        ({"c0.alpha": 0.5, "c0.skipped_cases": 2.0}, 2),
+        ({"c0.ood_before": 2.0, "c0.ood_after": 1.0}, None),
+    ]

@@ -138,6 +138,11 @@ class AutoencoderQC:
         collapse_fraction: so is a class whose predicted area falls below this fraction of its
             true area.
         max_restarts: restarts (new seed, balanced loss) before :class:`CollapseError`.
+        augment_flip, augment_rotation_deg, augment_scale: random flips, in-plane rotation
+            (maximum absolute angle, degrees) and scaling of the training masks. Off by default
+            (the paper trains R on the masks as they are); with them R learns plausible hearts
+            in poses the training scanner never produced, so a correct segmentation of a heart
+            rotated by another scanner's planning is not scored as implausible.
     """
 
     def __init__(
@@ -162,6 +167,9 @@ class AutoencoderQC:
         collapse_dice: float = 0.1,
         collapse_fraction: float = 0.1,
         max_restarts: int = 2,
+        augment_flip: bool = False,
+        augment_rotation_deg: float = 0.0,
+        augment_scale: Sequence[float] = (1.0, 1.0),
     ) -> None:
         if input not in INPUT_MODES:
             raise ValueError(f"input must be one of {INPUT_MODES}, got {input!r}")
@@ -197,6 +205,18 @@ class AutoencoderQC:
         self.collapse_dice = collapse_dice
         self.collapse_fraction = collapse_fraction
         self.max_restarts = max_restarts
+        if not 0 <= augment_rotation_deg <= 180:
+            raise ValueError(
+                f"augment_rotation_deg must be in [0, 180], got {augment_rotation_deg}"
+            )
+        lo, hi = (float(v) for v in augment_scale)
+        if not 0 < lo <= hi:
+            raise ValueError(
+                f"augment_scale must be (low, high) with 0 < low <= high, got {augment_scale}"
+            )
+        self.augment_flip = bool(augment_flip)
+        self.augment_rotation_deg = float(augment_rotation_deg)
+        self.augment_scale = (lo, hi)
         self.fitted = False
         with torch.random.fork_rng(devices=[]):  # a fixed initial state; caller's RNG untouched
             torch.manual_seed(0)
@@ -228,6 +248,9 @@ class AutoencoderQC:
             "collapse_dice": self.collapse_dice,
             "collapse_fraction": self.collapse_fraction,
             "max_restarts": self.max_restarts,
+            "augment_flip": self.augment_flip,
+            "augment_rotation_deg": self.augment_rotation_deg,
+            "augment_scale": list(self.augment_scale),
         }
 
     def _build_net(self) -> MaskAutoencoder:
@@ -250,6 +273,9 @@ class AutoencoderQC:
             collapse_dice=self.collapse_dice,
             collapse_fraction=self.collapse_fraction,
             max_restarts=self.max_restarts,
+            augment_flip=self.augment_flip,
+            augment_rotation_deg=self.augment_rotation_deg,
+            augment_scale=self.augment_scale,
         )
 
     # ------------------------------------------------------------------ training

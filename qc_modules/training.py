@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcloop.monitor import LABELS
+from qcloop.monitor.augment import augment_masks
 from qcloop.monitor.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,14 @@ class TrainingConfig:
     collapse_dice: float
     collapse_fraction: float
     max_restarts: int
+    augment_flip: bool = False
+    augment_rotation_deg: float = 0.0
+    augment_scale: tuple[float, float] = (1.0, 1.0)
+
+    @property
+    def augments(self) -> bool:
+        """Whether training masks are randomly flipped, rotated or scaled."""
+        return self.augment_flip or self.augment_rotation_deg > 0 or self.augment_scale != (1, 1)
 
 
 def class_names(num_classes: int) -> dict[int, str]:
@@ -303,7 +312,16 @@ def _run_attempt(
         order = torch.randperm(n, generator=generator).numpy()
         for start in range(0, n, cfg.batch_size):
             idx = np.sort(order[start : start + cfg.batch_size])
-            labels = torch.from_numpy(masks[idx]).to(cfg.device)
+            labels = torch.from_numpy(masks[idx])
+            if cfg.augments:
+                labels = augment_masks(
+                    labels,
+                    generator,
+                    flip=cfg.augment_flip,
+                    rotation_deg=cfg.augment_rotation_deg,
+                    scale=cfg.augment_scale,
+                )
+            labels = labels.to(cfg.device)
             target = one_hot(labels, cfg.num_classes)
             loss, terms = reconstruction_loss(net(target), target, generalised_dice, balanced)
             if not torch.isfinite(loss):

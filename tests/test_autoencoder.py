@@ -164,6 +164,10 @@ def test_plugin_factory_builds_the_component():
 def test_invalid_arguments_are_rejected(train_masks):
     with pytest.raises(ValueError):
         AutoencoderQC(input="logits")
+    with pytest.raises(ValueError, match="augment_rotation_deg"):
+        AutoencoderQC(augment_rotation_deg=200)
+    with pytest.raises(ValueError, match="augment_scale"):
+        AutoencoderQC(augment_scale=(1.2, 0.9))
     qc = AutoencoderQC(**FAST, epochs=1)
     with pytest.raises(ValueError):
         qc.fit(train_masks[:, :32, :32])
@@ -333,3 +337,21 @@ def test_same_seed_gives_identical_weights(train_masks):
     assert torch.equal(rng_before, torch.get_rng_state())  # the caller's RNG is untouched
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_pose_augmentation_accepts_a_heart_in_an_unseen_pose(trained, train_masks, test_masks):
+    """The training hearts lie within +-29 degrees of one pose. Rotated by 90 degrees, correct
+    masks look implausible to R trained on them as they are; R trained with rotation
+    augmentation scores them like unrotated ones and still ranks corrupted masks below."""
+    rotated = np.rot90(test_masks, 1, axes=(1, 2)).copy()
+    plain = trained[0]
+    posed = AutoencoderQC(**FAST, epochs=EPOCHS, collapse_warmup=4, augment_rotation_deg=180)
+    history = posed.fit(train_masks, heart_masks(64, seed=2), seed=0)
+    assert posed.hparams()["augment_rotation_deg"] == 180 and history["collapse_events"] == []
+    plain_rotated = pseudo_dice(plain, rotated).mean()
+    posed_rotated = pseudo_dice(posed, rotated).mean()
+    posed_upright = pseudo_dice(posed, test_masks).mean()
+    assert posed_rotated > plain_rotated + 0.1, (plain_rotated, posed_rotated)
+    assert abs(posed_rotated - posed_upright) < 0.05, (posed_rotated, posed_upright)
+    broken = pseudo_dice(posed, corrupt(rotated, "blobs", seed=5)).mean()
+    assert broken < posed_rotated - 0.05, (broken, posed_rotated)

@@ -370,6 +370,12 @@ def parse_config(text: str, source: str = "<string>") -> QcloopConfig:
     Raises:
         ConfigError: listing every problem with its path (and line, where known), in file order.
     """
+    root, data = _read_yaml(text, source)
+    return _validated(data, root, source)
+
+
+def _read_yaml(text: str, source: str) -> tuple[yaml.Node | None, dict[str, Any]]:
+    """The YAML node tree (for line numbers) and the mapping of ``text``."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -381,6 +387,11 @@ def parse_config(text: str, source: str = "<string>") -> QcloopConfig:
         raise ConfigError(
             [f"(top level): expected a mapping of sections, got {type(data).__name__}"], source
         )
+    return root, data
+
+
+def _validated(data: dict[str, Any], root: yaml.Node | None, source: str) -> QcloopConfig:
+    """``data`` as a configuration; problems located on the lines of ``root`` where it has them."""
     located = _duplicate_keys(root)
     config = None
     try:
@@ -410,6 +421,36 @@ def load_config(path: str | os.PathLike[str] | None = None) -> QcloopConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"(file): cannot read: {exc}"], str(path)) from None
     return parse_config(text, str(path))
+
+
+def override_config(base: QcloopConfig, path: str | os.PathLike[str]) -> QcloopConfig:
+    """``base`` with the settings of the YAML file ``path`` laid over it, key by key.
+
+    Problems (unknown keys, types, ranges) are reported with the file's lines. Mappings merge
+    recursively, so ``qc: {module: {params: {dropout: 0.3}}}`` changes one parameter and keeps
+    the others; a component whose ``name`` changes takes the file's ``params`` only.
+
+    Raises:
+        ConfigError: the file is not a valid configuration, or the merged result is not.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"(file): cannot read: {exc}"], str(path)) from None
+    root, overrides = _read_yaml(text, str(path))
+    return _validated(_merge(base.model_dump(mode="json"), overrides), root, str(path))
+
+
+def _merge(base: Any, override: Any) -> Any:
+    """``override`` laid over ``base``: mappings recursively, anything else replaced."""
+    if not isinstance(base, dict) or not isinstance(override, dict):
+        return override
+    if "name" in override and "params" in base and override["name"] != base.get("name"):
+        base = {**base, "params": {}}  # another component: the old one's params do not apply
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(base[key], value) if key in base else value
+    return out
 
 
 def dump_config(cfg: QcloopConfig) -> str:

@@ -21,6 +21,7 @@ from qcloop.monitor.config import (
     config_schema,
     dump_config,
     load_config,
+    override_config,
     parse_config,
     save_config,
 )
@@ -345,3 +346,36 @@ def test_show_command(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["config", "show", str(path)])
     assert result.exit_code == 1
     assert "qc.epochs: Input should be greater than 0 (line 1)" in result.output
+
+
+def test_override_config_merges_single_settings(tmp_path: Path) -> None:
+    from qcloop.monitor.demo import demo_config
+
+    base = demo_config(quick=False)
+    path = tmp_path / "over.yaml"
+    path.write_text(
+        "qc:\n  module: {params: {augment_rotation_deg: 45}}\nrefinement: {k_semi: 3}\n"
+    )
+    cfg = override_config(base, path)
+    assert cfg.qc.module.params == {**base.qc.module.params, "augment_rotation_deg": 45}
+    assert cfg.refinement.k_semi == 3 and cfg.refinement.refiner == base.refinement.refiner
+    assert cfg.segmenter == base.segmenter and cfg.preprocessing == base.preprocessing
+    # another component: the demo's parameters of the old one are dropped
+    path.write_text("refinement: {refiner: {name: blend, params: {epochs: 2}}}\n")
+    cfg = override_config(base, path)
+    assert cfg.refinement.refiner == ComponentConfig(name="blend", params={"epochs": 2})
+
+
+def test_override_config_reports_the_file_problems(tmp_path: Path) -> None:
+    from qcloop.monitor.demo import demo_config
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("training:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"training.epoch: Extra inputs .* \(line 2\)"):
+        override_config(demo_config(quick=True), path)
+    result = CliRunner().invoke(cli, ["demo", "--quick", "--config", str(path)])
+    assert (
+        result.exit_code != 0
+        and "bad.yaml" in result.output
+        and "training.epoch" in (result.output)
+    )

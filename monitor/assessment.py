@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from qcloop.monitor.metrics import StructureScores, compute_metrics, fov_diagonal_mm
+from qcloop.monitor.pose import PoseReference
 from qcloop.monitor.selection import (
     Selection,
     apply_selection,
@@ -145,11 +146,20 @@ class Assessor:
         decision_structure: str = "RV",
         voxel_units: bool = False,
         batch_size: int = 16,
+        pose: PoseReference | None = None,
     ) -> None:
         self.model_set = model_set
         self.decision_structure = decision_structure
         self.voxel_units = voxel_units
         self.batch_size = batch_size
+        self.pose = pose
+
+    def reconstruct(self, probabilities: np.ndarray) -> np.ndarray:
+        """The QC module's reconstruction of one case's maps ``(Z, C, S, S)``, taken in the
+        reference pose when pose normalisation is on."""
+        if self.pose is None:
+            return self.model_set.qc.reconstruct(probabilities)
+        return self.pose.reconstruct(self.model_set.qc.reconstruct, probabilities)
 
     def candidate_probabilities(self, image: np.ndarray) -> list[np.ndarray]:
         """Softmax maps ``(Z, C, S, S)`` of every candidate for one prepared image stack."""
@@ -162,7 +172,7 @@ class Assessor:
         probs = self.candidate_probabilities(image)
         per_candidate = []
         for p in probs:
-            recon = self.model_set.qc.reconstruct(p)
+            recon = self.reconstruct(p)
             per_candidate.append(
                 pseudo_metrics(p.argmax(1), recon.argmax(1), spacing, voxel_units=self.voxel_units)
             )

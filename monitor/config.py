@@ -167,6 +167,13 @@ class AssessmentConfig(_Section):
         default=ComponentConfig(name="iqr", params={"k": 1.5, "population": "reference"}),
         description="Registered threshold strategy.",
     )
+    pose_normalisation: bool = Field(
+        default=False,
+        description=(
+            "Rotate each predicted case to the training masks' pose before the QC module "
+            "reconstructs it (docs/method.md)."
+        ),
+    )
 
 
 class RefinementConfig(_Section):

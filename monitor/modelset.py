@@ -9,6 +9,7 @@ Run folder layout::
     RUN/<VIEW>/candidates/*.pt   segmenter weights (tensors and plain values only)
     RUN/<VIEW>/qc.pt             QC module state
     RUN/<VIEW>/fences.json       reference fences per phase (population "reference")
+    RUN/<VIEW>/pose.json         reference pose of the training masks (monitor/pose.py)
     RUN/<VIEW>/training/last.pt  resumable training state
 
 Everything is loaded with ``torch.load(weights_only=True)``: no pickle of arbitrary objects.
@@ -26,6 +27,7 @@ import torch
 
 from qcloop.monitor import atomic
 from qcloop.monitor.config import QcloopConfig, load_config
+from qcloop.monitor.pose import PoseReference, load_pose
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class ModelSet:
     candidate_info: list[dict[str, Any]]
     qc: Any
     fences: dict[str, Any] = field(default_factory=dict)
+    pose: PoseReference | None = None
 
     @property
     def best(self) -> torch.nn.Module:
@@ -119,6 +122,7 @@ def load_model_set(run: str | Path, view: str, config: QcloopConfig | None = Non
         candidate_info=entries,
         qc=qc,
         fences=load_fences(run, view),
+        pose=load_pose(run, view),
     )
 
 
@@ -130,6 +134,21 @@ def load_fences(run: str | Path, view: str) -> dict[str, Any]:
     from qcloop.plugins.thresholds import Fences
 
     return {phase: Fences.from_dict(d) for phase, d in json.loads(fences_path.read_text()).items()}
+
+
+def configured_pose(
+    cfg: QcloopConfig, pose: PoseReference | None, view: str
+) -> PoseReference | None:
+    """The reference pose to normalise with: ``pose`` when ``assessment.pose_normalisation``
+    is on (``RunError`` when the run has none), else ``None``."""
+    if not cfg.assessment.pose_normalisation:
+        return None
+    if pose is None:
+        raise RunError(
+            f"{view}: assessment.pose_normalisation is on but the run has no {view}/pose.json "
+            "(it was trained before qcloop recorded poses: retrain it, or switch the option off)"
+        )
+    return pose
 
 
 def qc_params(cfg: QcloopConfig, view: str, n_masks: int | None = None) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from qcloop.monitor.config import QcloopConfig
 from qcloop.monitor.data import Case, CaseError
 from qcloop.monitor.data.preprocess import Preprocessor
 from qcloop.monitor.pipeline import make_preprocessor, record_key
+from qcloop.monitor.pose import PoseReference
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class OnlineScorer:
         cfg: the run's configuration (preprocessing and assessment sections).
         model_info: identity of the models (run folder, registered name/version), copied into
             every record under ``"model"``.
+        pose: the run's reference pose when ``assessment.pose_normalisation`` is on.
     """
 
     def __init__(
@@ -127,6 +129,7 @@ class OnlineScorer:
         fences: dict[str, Any],
         cfg: QcloopConfig,
         model_info: dict[str, Any] | None = None,
+        pose: PoseReference | None = None,
     ) -> None:
 
         if not fences:
@@ -139,6 +142,7 @@ class OnlineScorer:
         self.fences = fences
         self.cfg = cfg
         self.model_info = dict(model_info or {})
+        self.pose = pose
         self.preprocessor: Preprocessor = make_preprocessor(cfg, runtime.divisor)
         self.decision_structure = cfg.assessment.decision_structure
         self.voxel_units = cfg.assessment.hd_units == "voxel"
@@ -168,7 +172,10 @@ class OnlineScorer:
         spacing = (sz, sx, sy)
         per_candidate = []
         for p in probs:
-            recon = self.runtime.reconstruct(p)
+            if self.pose is None:
+                recon = self.runtime.reconstruct(p)
+            else:
+                recon = self.pose.reconstruct(self.runtime.reconstruct, p)
             per_candidate.append(
                 pseudo_metrics(p.argmax(1), recon.argmax(1), spacing, voxel_units=self.voxel_units)
             )
@@ -214,7 +221,14 @@ def load_online_scorers(
     (ONNX Runtime's default when ``None``); ``"torch"`` runs the PyTorch weights (torch's
     thread count is process-wide: set it with ``torch.set_num_threads``).
     """
-    from qcloop.monitor.modelset import load_fences, load_model_set, load_run_config, run_views
+    from qcloop.monitor.modelset import (
+        configured_pose,
+        load_fences,
+        load_model_set,
+        load_run_config,
+        run_views,
+    )
+    from qcloop.monitor.pose import load_pose
 
     run = Path(run_dir)
     cfg = load_run_config(run)
@@ -232,7 +246,8 @@ def load_online_scorers(
 
             rt = OrtRuntime.from_export(Path(onnx_dir or run / "onnx"), view, threads=threads)
             fences = load_fences(run, view)
-        scorers[view] = OnlineScorer(view, rt, fences, cfg, info)
+        pose = configured_pose(cfg, load_pose(run, view), view)
+        scorers[view] = OnlineScorer(view, rt, fences, cfg, info, pose)
     if not scorers:
         raise CaseError(run, "the run has no trained view")
     return scorers

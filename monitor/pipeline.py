@@ -32,6 +32,7 @@ from qcloop.monitor.modelset import (
     RunError,
     build_qc_module,
     build_segmenter,
+    configured_pose,
     load_model_set,
     load_run_config,
     qc_params,
@@ -39,6 +40,7 @@ from qcloop.monitor.modelset import (
     run_views,
     save_candidates,
 )
+from qcloop.monitor.pose import POSE_FILE, PoseReference
 from qcloop.monitor.progress import progress
 from qcloop.monitor.training import SliceSet, TrainSettings, ValCase, train_segmenter
 
@@ -294,6 +296,11 @@ def _train_view(
         log=tracker.log_metrics,  # the QC module names its figures qc/...
     )
     atomic.torch_save(qc.state_dict(), view_dir / "qc.pt")
+    try:
+        pose = PoseReference.from_ground_truth([c.prepared.gt for c in train_cases])
+        atomic.write_json(view_dir / POSE_FILE, pose.to_dict())
+    except ValueError as exc:
+        log.warning("%s: no reference pose recorded: %s", view, exc)
     atomic.write_json(view_dir / "training" / "qc_history.json", _jsonable(qc_history))
 
     model_set = load_model_set(run, view, cfg)
@@ -359,7 +366,10 @@ def make_assessor(model_set: ModelSet, cfg: QcloopConfig) -> Assessor:
     """An assessor configured from ``cfg``."""
     a = cfg.assessment
     return Assessor(
-        model_set, decision_structure=a.decision_structure, voxel_units=a.hd_units == "voxel"
+        model_set,
+        decision_structure=a.decision_structure,
+        voxel_units=a.hd_units == "voxel",
+        pose=configured_pose(cfg, model_set.pose, model_set.view),
     )
 
 
@@ -451,12 +461,12 @@ def _jsonable(obj: Any) -> Any:
 
 
 def copy_run_skeleton(src: Path, dst: Path, views: Sequence[str]) -> None:
-    """Copy what a refined run shares with its parent: config, QC modules and fences."""
+    """Copy what a refined run shares with its parent: config, QC modules, fences and poses."""
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src / "config.yaml", dst / "config.yaml")
     for view in views:
         (dst / view).mkdir(parents=True, exist_ok=True)
-        for name in ("qc.pt", "fences.json"):
+        for name in ("qc.pt", "fences.json", "pose.json"):
             if (src / view / name).exists():
                 shutil.copy2(src / view / name, dst / view / name)
 
@@ -595,6 +605,7 @@ def refine_view(
         [c.prepared.image for c in labelled], [c.prepared.gt for c in labelled]
     )
     assessor = make_assessor(model_set, cfg)
+    case_qc = CaseQC(assessor.reconstruct)
     fences = [a.scored.fences for a in flagged_items]
 
     def still_ood(model: Any) -> int:
@@ -607,7 +618,7 @@ def refine_view(
             params.setdefault("k_semi", cfg.refinement.k_semi)
         refiner = get_plugin_manager().refiners().create(rc.name, params)
         model = copy.deepcopy(candidate)
-        histories.append(refiner.refine(model, model_set.qc, flagged, slices, still_ood))
+        histories.append(refiner.refine(model, case_qc, flagged, slices, still_ood))
         refined.append(model)
     entries = [
         {**e, "path": f"candidates/refined-{i}.pt", "parent_path": e["path"]}
@@ -628,6 +639,14 @@ def refine_view(
         "flagged_keys": [f"{a.item.case.key}" for a in flagged_items],
         "history": _jsonable(histories),
     }
+
+
+@dataclass(frozen=True)
+class CaseQC:
+    """The QC module as refiners see it: ``reconstruct`` of one case's softmax maps
+    ``(Z, C, S, S)``, in the reference pose when pose normalisation is on."""
+
+    reconstruct: Callable[[np.ndarray], np.ndarray]
 
 
 def flag_collector(flagged: list[Assessed]) -> CaseCallback:
@@ -659,7 +678,7 @@ def count_still_ood(
     n = 0
     for a, f in zip(flagged, fences, strict=True):
         probs = predict_probabilities(model, a.item.prepared.image)
-        recon = assessor.model_set.qc.reconstruct(probs)
+        recon = assessor.reconstruct(probs)
         scores = pseudo_metrics(
             probs.argmax(1),
             recon.argmax(1),

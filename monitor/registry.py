@@ -5,6 +5,7 @@ A version of ``PREFIX-<VIEW>`` is a small run folder holding that view's model s
 
     config.yaml  run.json  qcloop-model.json (sha256 of every file)
     <VIEW>/candidates.json  <VIEW>/candidates/*.pt  <VIEW>/qc.pt  <VIEW>/fences.json
+    <VIEW>/pose.json
 
 logged as the artifacts ``qcloop-<VIEW>/`` of an MLflow run in the experiment
 ``qcloop-registry``; the version's source is ``runs:/<run id>/qcloop-<VIEW>``. Consumers get a
@@ -259,8 +260,9 @@ def _model_files(run_dir: Path, view: str) -> list[str]:
     if not rel:
         raise RegistryError(f"{manifest}: lists no candidates")
     files = ["config.yaml", f"{view}/candidates.json", *rel, f"{view}/qc.pt"]
-    if (run_dir / view / "fences.json").exists():
-        files.append(f"{view}/fences.json")
+    for optional in ("fences.json", "pose.json"):
+        if (run_dir / view / optional).exists():
+            files.append(f"{view}/{optional}")
     for f in files:
         if not (run_dir / f).is_file():
             raise RegistryError(f"{run_dir / f}: missing file of the {view} model set")

@@ -2,7 +2,9 @@
 
 A refiner fine-tunes ONE candidate segmenter in place on the cases flagged as OoD, anchored by
 the labelled training data; the core calls it once per candidate (on a copy) and saves the
-refined set beside the original. It never sees ground truth of the flagged cases.
+refined set beside the original. It never sees ground truth of the flagged cases, and gives
+``qc.reconstruct`` one case's softmax maps at a time (the core may rotate each case to the
+training pose around the QC module).
 
 * ``alpha``: ``L = (1/k) WGD(yM, R(yM)) + L_sup`` at refinement epoch ``k``, at most ``k_semi``
   epochs, stopping as soon as none of the flagged cases is still OoD for this candidate.
@@ -118,7 +120,7 @@ class AlphaRefiner:
         for k in range(1, self.k_semi + 1):
             alpha = 1.0 / k
             # pseudo labels R(M(x)) of every flagged slice, from the model as it starts the epoch
-            pseudo_all = _pseudo_labels(model, qc, x_u_all, self.batch_size)
+            pseudo_all = _pseudo_labels(model, qc, flagged, self.batch_size)
             usable, skipped = usable_pseudo_labels(pseudo_all, flagged, self.skip_incomplete)
             if len(usable) == 0:
                 history["epochs"].append({"epoch": k, "alpha": alpha, "skipped_cases": skipped})
@@ -344,17 +346,22 @@ def usable_pseudo_labels(
 
 
 def _pseudo_labels(
-    model: torch.nn.Module, qc: Any, x: torch.Tensor, batch_size: int
+    model: torch.nn.Module, qc: Any, flagged: FlaggedSet, batch_size: int
 ) -> torch.Tensor:
-    """``R(M(x))``: the QC reconstruction of the model's current softmax output (no gradient)."""
+    """``R(M(x))`` of every flagged slice ``(N, C, S, S)`` in case order (no gradient); R sees
+    one case at a time, as in assessment."""
     import torch
 
     model.eval()
+    step = max(batch_size, 16)
     out = []
     with torch.no_grad():
-        for i in range(0, len(x), max(batch_size, 16)):
-            probs = torch.softmax(model(x[i : i + max(batch_size, 16)]), 1).numpy()
-            out.append(torch.from_numpy(qc.reconstruct(probs)))
+        for image in flagged.images:
+            x = torch.from_numpy(np.ascontiguousarray(image[:, None], dtype=np.float32))
+            probs = torch.cat(
+                [torch.softmax(model(x[i : i + step]), 1) for i in range(0, len(x), step)]
+            )
+            out.append(torch.from_numpy(qc.reconstruct(probs.numpy())))
     return torch.cat(out)
 
 

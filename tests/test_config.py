@@ -70,6 +70,7 @@ EXPECTED_DEFAULT: dict[str, Any] = {
         "decision_structure": "RV",
         "hd_units": "mm",
         "thresholds": {"name": "iqr", "params": {"k": 1.5, "population": "reference"}},
+        "pose_normalisation": False,
     },
     "refinement": {"refiner": {"name": "alpha", "params": {}}, "k_semi": 5},
     "tracking": {"tracker": None},

@@ -76,3 +76,43 @@ def test_wrong_view_and_missing_fences_are_clear_errors(tiny_run: Path, tiny_coh
         OnlineScorer("SA", TorchRuntime(model_set, 64), {}, cfg)
     with pytest.raises(ValueError, match="unknown runtime"):
         load_online_scorers(tiny_run, ["SA"], runtime="tensorflow")
+
+
+def test_pose_normalisation_same_online_and_in_batch(
+    tiny_run: Path, tiny_cohort: Path, tmp_path: Path
+) -> None:
+    """With ``assessment.pose_normalisation`` the run's recorded pose is used by batch
+    assessment and by the online path alike, and it changes the scores; a run without a
+    recorded pose is refused with the file named."""
+    import shutil
+
+    import yaml
+
+    from qcloop.monitor.modelset import RunError
+    from qcloop.monitor.pipeline import assess_run
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("onnx", "training"))
+    assert (run / "SA" / "pose.json").is_file()  # recorded by qcloop train
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["assessment"]["pose_normalisation"] = True
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assess_run(tiny_cohort, run, tmp_path / "posed", views=["SA"], where={"split": "test"})
+    assess_run(tiny_cohort, tiny_run, tmp_path / "plain", views=["SA"], where={"split": "test"})
+    posed, plain = (
+        [json.loads(line) for line in (tmp_path / d / "records.jsonl").read_text().splitlines()]
+        for d in ("posed", "plain")
+    )
+    pdc = [[c["RV"]["pdc"] for c in r["candidates"]] for r in posed]
+    assert pdc != [[c["RV"]["pdc"] for c in r["candidates"]] for r in plain]
+    scorer = load_online_scorers(run, ["SA"])["SA"]
+    assert scorer.pose is not None
+    by_path = {str(s.image_path): s for s in discover(tiny_cohort)}
+    for rec in posed[:3]:
+        online = scorer.score(load_case(by_path[rec["image"]])).record
+        assert online["ood"] == rec["ood"] and online["selection"] == rec["selection"]
+        for a, b in zip(online["candidates"], rec["candidates"], strict=True):
+            assert a["RV"]["pdc"] == pytest.approx(b["RV"]["pdc"], abs=1e-6)
+    (run / "SA" / "pose.json").unlink()
+    with pytest.raises(RunError, match=r"SA/pose\.json"):
+        load_online_scorers(run, ["SA"])

@@ -380,3 +380,15 @@ def test_override_config_reports_the_file_problems(tmp_path: Path) -> None:
         and "bad.yaml" in result.output
         and "training.epoch" in (result.output)
     )
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "docs" / "demo-options").glob("*.yaml"))
+)
+def test_demo_option_files_are_valid_overrides(path: Path) -> None:
+    from qcloop.monitor.demo import demo_config
+
+    base = demo_config(quick=False)
+    cfg = override_config(base, path)
+    assert cfg != base  # each file changes something
+    assert path.read_text().startswith(f"# qcloop demo --config docs/demo-options/{path.name}\n")

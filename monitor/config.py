@@ -423,11 +423,15 @@ def load_config(path: str | os.PathLike[str] | None = None) -> QcloopConfig:
     """
     if path is None:
         return QcloopConfig()
+    return parse_config(_read_text(path), str(path))
+
+
+def _read_text(path: str | os.PathLike[str]) -> str:
+    """The text of a configuration file; ``ConfigError`` naming it when it cannot be read."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"(file): cannot read: {exc}"], str(path)) from None
-    return parse_config(text, str(path))
 
 
 def override_config(base: QcloopConfig, path: str | os.PathLike[str]) -> QcloopConfig:
@@ -440,11 +444,7 @@ def override_config(base: QcloopConfig, path: str | os.PathLike[str]) -> QcloopC
     Raises:
         ConfigError: the file is not a valid configuration, or the merged result is not.
     """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"(file): cannot read: {exc}"], str(path)) from None
-    root, overrides = _read_yaml(text, str(path))
+    root, overrides = _read_yaml(_read_text(path), str(path))
     return _validated(_merge(base.model_dump(mode="json"), overrides), root, str(path))
 
 

@@ -95,13 +95,20 @@ class ThresholdStrategy(Protocol):
     ) -> Fences: ...
 
 
+class CaseReconstructor(Protocol):
+    """The QC module as a refiner sees it: the reconstruction of ONE case's softmax maps
+    ``(Z, C, H, W)``, taken in the training pose when pose normalisation is on."""
+
+    def reconstruct(self, probabilities: np.ndarray) -> np.ndarray: ...
+
+
 class Refiner(Protocol):
     """Fine-tunes one candidate segmenter in place on the flagged (OoD) cases."""
 
     def refine(
         self,
         model: Any,
-        qc: QCModule,
+        qc: CaseReconstructor,
         flagged: Any,
         labeled: Any,
         still_ood: Callable[[Any], int],

@@ -27,6 +27,7 @@ from qcloop.monitor.hookspecs import Register
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from qcloop.monitor.components import CaseReconstructor
     from qcloop.monitor.training import SliceSet
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class AlphaRefiner:
     def refine(
         self,
         model: torch.nn.Module,
-        qc: Any,
+        qc: CaseReconstructor,
         flagged: FlaggedSet,
         labeled: SliceSet,
         still_ood: StillOod,
@@ -213,7 +214,7 @@ class BlendRefiner:
     def refine(
         self,
         model: torch.nn.Module,
-        qc: Any,
+        qc: CaseReconstructor,
         flagged: FlaggedSet,
         labeled: SliceSet,
         still_ood: StillOod,
@@ -346,7 +347,7 @@ def usable_pseudo_labels(
 
 
 def _pseudo_labels(
-    model: torch.nn.Module, qc: Any, flagged: FlaggedSet, batch_size: int
+    model: torch.nn.Module, qc: CaseReconstructor, flagged: FlaggedSet, batch_size: int
 ) -> torch.Tensor:
     """``R(M(x))`` of every flagged slice ``(N, C, S, S)`` in case order (no gradient); R sees
     one case at a time, as in assessment."""

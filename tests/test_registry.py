@@ -172,7 +172,14 @@ def test_refined_challenger_is_gated_promoted_loaded_and_rolled_back(
     for rel in json.loads((refined / "SA" / "candidates.json").read_text()):
         name = f"SA/{rel['path']}"
         assert _sha(sa_ref.run_dir / name) == _sha(refined / name)
-    for name in ("SA/qc.pt", "SA/fences.json", "SA/candidates.json", "config.yaml", "run.json"):
+    for name in (
+        "SA/qc.pt",
+        "SA/fences.json",
+        "SA/pose.json",
+        "SA/candidates.json",
+        "config.yaml",
+        "run.json",
+    ):
         assert _sha(sa_ref.run_dir / name) == _sha(refined / name)
     assert sa_ref.tags[reg.TAG_PARENT_VERSION] == "1"
     assert sa_ref.tags[reg.TAG_GATE_PASSED] == "true"

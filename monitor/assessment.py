@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from qcloop.monitor.metrics import StructureScores, compute_metrics, fov_diagonal_mm
-from qcloop.monitor.pose import PoseReference
+from qcloop.monitor.pose import PoseReference, reconstruct_posed
 from qcloop.monitor.selection import (
     Selection,
     apply_selection,
@@ -157,9 +157,7 @@ class Assessor:
     def reconstruct(self, probabilities: np.ndarray) -> np.ndarray:
         """The QC module's reconstruction of one case's maps ``(Z, C, S, S)``, taken in the
         reference pose when pose normalisation is on."""
-        if self.pose is None:
-            return self.model_set.qc.reconstruct(probabilities)
-        return self.pose.reconstruct(self.model_set.qc.reconstruct, probabilities)
+        return reconstruct_posed(self.model_set.qc.reconstruct, probabilities, self.pose)
 
     def candidate_probabilities(self, image: np.ndarray) -> list[np.ndarray]:
         """Softmax maps ``(Z, C, S, S)`` of every candidate for one prepared image stack."""

@@ -24,7 +24,7 @@ from qcloop.monitor.config import QcloopConfig
 from qcloop.monitor.data import Case, CaseError
 from qcloop.monitor.data.preprocess import Preprocessor
 from qcloop.monitor.pipeline import make_preprocessor, record_key
-from qcloop.monitor.pose import PoseReference
+from qcloop.monitor.pose import PoseReference, reconstruct_posed
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +172,7 @@ class OnlineScorer:
         spacing = (sz, sx, sy)
         per_candidate = []
         for p in probs:
-            if self.pose is None:
-                recon = self.runtime.reconstruct(p)
-            else:
-                recon = self.pose.reconstruct(self.runtime.reconstruct, p)
+            recon = reconstruct_posed(self.runtime.reconstruct, p, self.pose)
             per_candidate.append(
                 pseudo_metrics(p.argmax(1), recon.argmax(1), spacing, voxel_units=self.voxel_units)
             )

@@ -26,7 +26,14 @@ import numpy as np
 
 from qcloop.monitor import STRUCTURES
 
-__all__ = ["PoseReference", "case_angle", "load_pose", "reference_angle", "rotate_maps"]
+__all__ = [
+    "PoseReference",
+    "case_angle",
+    "load_pose",
+    "reconstruct_posed",
+    "reference_angle",
+    "rotate_maps",
+]
 
 POSE_FILE = "pose.json"
 
@@ -105,6 +112,17 @@ class PoseReference:
     def from_ground_truth(cls, stacks: Sequence[np.ndarray]) -> PoseReference:
         """The reference pose of training ground-truth stacks ``(Z, H, W)``."""
         return cls(angle=reference_angle(stacks), n_cases=len(stacks))
+
+
+def reconstruct_posed(
+    reconstruct: Callable[[np.ndarray], np.ndarray],
+    probabilities: np.ndarray,
+    pose: PoseReference | None,
+) -> np.ndarray:
+    """``reconstruct`` of one case's maps, taken in ``pose`` when one is given."""
+    if pose is None:
+        return reconstruct(probabilities)
+    return pose.reconstruct(reconstruct, probabilities)
 
 
 def load_pose(run: str | Path, view: str) -> PoseReference | None:

@@ -115,13 +115,14 @@ class AlphaRefiner:
         sup = SupervisedLoss(num_classes=len(self.class_weights))
         ds_weights = list(model.deep_supervision_weights())
         x_u_all = torch.from_numpy(flagged.slices())
+        case_sizes = [len(image) for image in flagged.images]
         x_l_all = torch.from_numpy(labeled.images)
         y_l_all = torch.from_numpy(labeled.labels.astype(np.int64))
         history["stopped"] = "k_semi reached"
         for k in range(1, self.k_semi + 1):
             alpha = 1.0 / k
             # pseudo labels R(M(x)) of every flagged slice, from the model as it starts the epoch
-            pseudo_all = _pseudo_labels(model, qc, flagged, self.batch_size)
+            pseudo_all = _pseudo_labels(model, qc, x_u_all, case_sizes, self.batch_size)
             usable, skipped = usable_pseudo_labels(pseudo_all, flagged, self.skip_incomplete)
             if len(usable) == 0:
                 history["epochs"].append({"epoch": k, "alpha": alpha, "skipped_cases": skipped})
@@ -347,23 +348,24 @@ def usable_pseudo_labels(
 
 
 def _pseudo_labels(
-    model: torch.nn.Module, qc: CaseReconstructor, flagged: FlaggedSet, batch_size: int
+    model: torch.nn.Module,
+    qc: CaseReconstructor,
+    x: torch.Tensor,
+    case_sizes: Sequence[int],
+    batch_size: int,
 ) -> torch.Tensor:
-    """``R(M(x))`` of every flagged slice ``(N, C, S, S)`` in case order (no gradient); R sees
-    one case at a time, as in assessment."""
+    """``R(M(x))`` of the flagged slices ``x`` (cases of ``case_sizes`` slices, in order), no
+    gradient. M runs on batches across cases; R sees one case at a time, as in assessment."""
     import torch
 
     model.eval()
     step = max(batch_size, 16)
-    out = []
     with torch.no_grad():
-        for image in flagged.images:
-            x = torch.from_numpy(np.ascontiguousarray(image[:, None], dtype=np.float32))
-            probs = torch.cat(
-                [torch.softmax(model(x[i : i + step]), 1) for i in range(0, len(x), step)]
-            )
-            out.append(torch.from_numpy(qc.reconstruct(probs.numpy())))
-    return torch.cat(out)
+        probs = torch.cat(
+            [torch.softmax(model(x[i : i + step]), 1) for i in range(0, len(x), step)]
+        )
+    cases = torch.split(probs, list(case_sizes))
+    return torch.cat([torch.from_numpy(qc.reconstruct(p.numpy())) for p in cases])
 
 
 @hookimpl

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from qcloop.monitor import LABELS, __version__
-from qcloop.monitor.atomic import sha256_file, write_json
+from qcloop.monitor.core.atomic import sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -493,14 +493,14 @@ def export_run(
     """
     import torch
 
-    from qcloop.monitor.modelset import (
+    from qcloop.monitor.method.cases import make_preprocessor
+    from qcloop.monitor.method.run_folder import (
         RunError,
         load_model_set,
         load_run_config,
         read_run_info,
         run_views,
     )
-    from qcloop.monitor.pipeline import make_preprocessor
 
     if exporter not in EXPORTERS:
         raise ExportError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")

@@ -1,6 +1,6 @@
 """The ONNX Runtime backend: :class:`OrtRuntime` runs an export of ``qcloop export-onnx``.
 
-It implements the ``Runtime`` protocol of :mod:`qcloop.monitor.online`: one session per model,
+It implements the ``Runtime`` protocol of :mod:`qcloop.monitor.ops.scoring`: one session per model,
 built once; slices run in batches; softmax is applied to the segmenters' logits in place.
 
 Providers: by default the CUDA execution provider is asked for only when ONNX Runtime lists it
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from qcloop.deploy.onnx_export import ExportError, load_manifest
-from qcloop.monitor.atomic import sha256_file
+from qcloop.monitor.core.atomic import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def _softmax_into(logits: np.ndarray, out: np.ndarray) -> None:
 
 
 class OrtRuntime:
-    """:class:`~qcloop.monitor.online.Runtime` on ONNX Runtime sessions of one view.
+    """:class:`~qcloop.monitor.ops.scoring.Runtime` on ONNX Runtime sessions of one view.
 
     Build it with :meth:`from_export`. Arrays are float32, channels first: images ``(Z, S, S)``,
     softmax maps ``(Z, C, S, S)``.
@@ -346,8 +346,8 @@ def make_runtime(
             threads=threads,
         )
     if kind == "torch":
-        from qcloop.monitor.modelset import load_model_set, load_run_config
-        from qcloop.monitor.online import TorchRuntime
+        from qcloop.monitor.method.run_folder import load_model_set, load_run_config
+        from qcloop.monitor.ops.scoring import TorchRuntime
 
         cfg = load_run_config(run)
         return TorchRuntime(load_model_set(run, view, cfg), cfg.preprocessing.size, batch_size)

@@ -68,7 +68,7 @@ from qcloop.deploy.serve_upload import (
     names_from_filename,
     store_upload,
 )
-from qcloop.monitor.config import QcloopConfig
+from qcloop.monitor.core.config import QcloopConfig
 
 log = logging.getLogger(__name__)
 
@@ -469,8 +469,8 @@ class _Service:
         client_name: str | None,
     ) -> tuple[dict[str, Any], bytes]:
         """Check, load, score and encode one upload (runs in a worker thread)."""
+        from qcloop.monitor.core.plugin_manager import get_plugin_manager
         from qcloop.monitor.data import CaseError, CaseSource, load_case, save_label_map
-        from qcloop.monitor.plugins import get_plugin_manager
 
         start = time.perf_counter()
         scorer = bundle.scorers[view]
@@ -586,7 +586,7 @@ def create_app(
         source: where the models come from (:class:`RunSource`, :class:`RegistrySource`).
         cfg: configuration; its ``serving`` section sets runtime, limits and the poll period.
         api_key: the key every protected route requires as ``Authorization: Bearer KEY``.
-        metrics: a :class:`~qcloop.plugins.prometheus_exporter.QcMetrics` (a new one when
+        metrics: a :class:`~qcloop.plugins.prometheus.exporter.QcMetrics` (a new one when
             ``None``); activated while the app runs, its registry served at ``/metrics`` with the
             HTTP metrics added to it.
         initial: models already loaded (else they load in the background; ``/readyz`` says 503
@@ -599,7 +599,7 @@ def create_app(
     if api_key is None and not allow_no_auth:
         raise ValueError("an API key is required (or allow_no_auth=True, explicitly)")
     if metrics is None:
-        from qcloop.plugins.prometheus_exporter import QcMetrics
+        from qcloop.plugins.prometheus.exporter import QcMetrics
 
         metrics = QcMetrics(window=cfg.monitoring.window)
     http = HttpMetrics(metrics.registry)

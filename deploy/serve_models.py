@@ -51,7 +51,7 @@ class ModelBundle:
 
     Attributes:
         scorers: view -> an object with ``score(case) -> CaseResult`` (an
-            :class:`~qcloop.monitor.online.OnlineScorer`).
+            :class:`~qcloop.monitor.ops.scoring.OnlineScorer`).
         fingerprint: the source's fingerprint these models were built for.
         runtime: ``"torch"`` or ``"onnxruntime"``.
         loaded_at: ISO-8601 UTC time the bundle was built.
@@ -129,8 +129,8 @@ def _load_scorers(
     threads: int | None = None,
 ) -> dict[str, Any]:
     from qcloop.monitor.data import CaseError
-    from qcloop.monitor.modelset import RunError
-    from qcloop.monitor.online import load_online_scorers
+    from qcloop.monitor.method.run_folder import RunError
+    from qcloop.monitor.ops.scoring import load_online_scorers
 
     try:
         return load_online_scorers(
@@ -248,7 +248,7 @@ class RegistrySource:
 
     def fingerprint(self) -> str:
         """View -> version the spec selects now, as JSON."""
-        from qcloop.monitor.registry import alias_versions
+        from qcloop.monitor.ops.registry import alias_versions
 
         try:
             versions = alias_versions(self.spec, tracking_uri=self.tracking_uri)
@@ -258,7 +258,7 @@ class RegistrySource:
 
     def load(self, runtime: str) -> ModelBundle:
         """Scorers of every view the spec selects, each from its version's run folder."""
-        from qcloop.monitor.registry import default_cache_dir, resolve_model
+        from qcloop.monitor.ops.registry import default_cache_dir, resolve_model
 
         _check_runtime(runtime)
         try:

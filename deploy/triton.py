@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from qcloop.monitor import __version__
-from qcloop.monitor.atomic import write_json, write_text
+from qcloop.monitor.core.atomic import write_json, write_text
 
 __all__ = [
     "ENUMS",

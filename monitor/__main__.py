@@ -1,5 +1,5 @@
 """``python -m qcloop.monitor`` runs the command line."""
 
-from qcloop.monitor.cli import main
+from qcloop.monitor.cli.main import main
 
 main()

@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qcloop.monitor import hookimpl
-from qcloop.monitor.hookspecs import Register
+from qcloop.monitor.core.hookspecs import Register
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from qcloop.monitor.components import CaseReconstructor
-    from qcloop.monitor.training import SliceSet
+    from qcloop.monitor.core.interfaces import CaseReconstructor
+    from qcloop.monitor.method.segmenter_training import SliceSet
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class AlphaRefiner:
         """Fine-tune ``model`` in place; return the history (epochs, losses, OoD counts)."""
         import torch
 
-        from qcloop.monitor.losses import SupervisedLoss, weighted_generalised_dice
+        from qcloop.monitor.method.losses import SupervisedLoss, weighted_generalised_dice
 
         history = _start_history("alpha", model, flagged, still_ood)
         if "stopped" in history:
@@ -226,8 +226,8 @@ class BlendRefiner:
         import torch
         import torch.nn.functional as F
 
-        from qcloop.monitor.assessment import missing_structures
-        from qcloop.monitor.losses import SupervisedLoss
+        from qcloop.monitor.method.assessment import missing_structures
+        from qcloop.monitor.method.losses import SupervisedLoss
 
         history = _start_history("blend", model, flagged, still_ood)
         if "stopped" in history:
@@ -330,7 +330,7 @@ def usable_pseudo_labels(
     """
     import torch
 
-    from qcloop.monitor.assessment import missing_structures
+    from qcloop.monitor.method.assessment import missing_structures
 
     labels = pseudo.argmax(1).numpy()
     keep: list[torch.Tensor] = []

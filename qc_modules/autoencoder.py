@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qcloop.qc_modules.training import (
+from qcloop.qc_modules.autoencoder_training import (
     CollapseError,
     Log,
     TrainingConfig,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from qcloop.monitor import hookimpl
-from qcloop.monitor.hookspecs import Register
+from qcloop.monitor.core.hookspecs import Register
 
 
 def _autoencoder(**params: Any) -> Any:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qcloop.monitor.plugins import (
+from qcloop.monitor.core.plugin_manager import (
     DISABLE_AUTOLOAD_ENV,
     LOAD_PLUGINS_ENV,
     reset_plugin_manager,
@@ -62,8 +62,8 @@ def tiny_run(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     (``shutil.copytree``) before changing it."""
     from click.testing import CliRunner
 
-    from qcloop.monitor.cli import cli
-    from qcloop.monitor.config import save_config
+    from qcloop.monitor.cli.main import cli
+    from qcloop.monitor.core.config import save_config
 
     cached = _cache("run")
     if cached is not None:

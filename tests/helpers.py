@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qcloop.monitor.config import QcloopConfig
+from qcloop.monitor.core.config import QcloopConfig
 
 
 def heart_slices(n: int, size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

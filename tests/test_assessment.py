@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qcloop.monitor.assessment import (
+from qcloop.monitor.method.assessment import (
     ScoredCase,
     decision_value,
     fit_population_fences,
     pseudo_metrics,
 )
-from qcloop.monitor.metrics import fov_diagonal_mm
+from qcloop.monitor.method.segmentation_metrics import fov_diagonal_mm
 from qcloop.plugins.thresholds import IQRThresholds
 from tests.helpers import heart_slices
 
@@ -23,7 +23,7 @@ def _stack(seed: int = 0) -> np.ndarray:
 
 
 def _scored(pdc_rv: list[float], phd_rv: list[float], phase: str = "ED") -> ScoredCase:
-    from qcloop.monitor.metrics import StructureScores
+    from qcloop.monitor.method.segmentation_metrics import StructureScores
 
     cands = [
         {
@@ -91,7 +91,7 @@ def test_judge_sets_ood_only_when_every_candidate_fails_and_selects_purely() -> 
 
 
 def test_population_fences_are_per_group_and_skip_unfittable_groups() -> None:
-    from qcloop.monitor.metrics import StructureScores
+    from qcloop.monitor.method.segmentation_metrics import StructureScores
 
     ed = [_scored([0.9 - 0.01 * i], [5.0 + i], "ED") for i in range(6)]
     pen = {

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qcloop.monitor.augment import augment_batch, augment_masks
+from qcloop.monitor.method.augment import augment_batch, augment_masks
 from tests.helpers import heart_slices
 
 

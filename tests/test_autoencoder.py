@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from qcloop.monitor.components import QCModule
+from qcloop.monitor.core.interfaces import QCModule
 from qcloop.qc_modules.autoencoder import AutoencoderQC, CollapseError, stage_widths
 
 SIZE = 64

@@ -11,9 +11,9 @@ import yaml
 from click.testing import CliRunner
 
 from qcloop.monitor import hookimpl
-from qcloop.monitor import plugins as plugins_module
-from qcloop.monitor.cli import cli
-from qcloop.monitor.config import (
+from qcloop.monitor.cli.main import cli
+from qcloop.monitor.core import plugin_manager as plugins_module
+from qcloop.monitor.core.config import (
     ComponentConfig,
     ConfigError,
     QcloopConfig,
@@ -25,7 +25,7 @@ from qcloop.monitor.config import (
     parse_config,
     save_config,
 )
-from qcloop.monitor.plugins import QcloopPluginManager, make_plugin_manager
+from qcloop.monitor.core.plugin_manager import QcloopPluginManager, make_plugin_manager
 
 SECTIONS = {
     "seed",
@@ -350,7 +350,7 @@ def test_show_command(tmp_path: Path) -> None:
 
 
 def test_override_config_merges_single_settings(tmp_path: Path) -> None:
-    from qcloop.monitor.demo import demo_config
+    from qcloop.monitor.cli.demo_run import demo_config
 
     base = demo_config(quick=False)
     path = tmp_path / "over.yaml"
@@ -368,7 +368,7 @@ def test_override_config_merges_single_settings(tmp_path: Path) -> None:
 
 
 def test_override_config_reports_the_file_problems(tmp_path: Path) -> None:
-    from qcloop.monitor.demo import demo_config
+    from qcloop.monitor.cli.demo_run import demo_config
 
     path = tmp_path / "bad.yaml"
     path.write_text("training:\n  epoch: 3\n")
@@ -386,7 +386,7 @@ def test_override_config_reports_the_file_problems(tmp_path: Path) -> None:
     "path", sorted((Path(__file__).parents[1] / "docs" / "demo-options").glob("*.yaml"))
 )
 def test_demo_option_files_are_valid_overrides(path: Path) -> None:
-    from qcloop.monitor.demo import demo_config
+    from qcloop.monitor.cli.demo_run import demo_config
 
     base = demo_config(quick=False)
     cfg = override_config(base, path)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from qcloop.monitor.cli import cli
+from qcloop.monitor.cli.main import cli
 from qcloop.monitor.data import (
     CaseError,
     discover,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qcloop.monitor.config import MonitoringConfig
-from qcloop.plugins.prometheus_exporter import QcMetrics
+from qcloop.monitor.core.config import MonitoringConfig
+from qcloop.plugins.prometheus.exporter import QcMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from qcloop.monitor import hookspecs
-from qcloop.monitor.config import QcloopConfig, parse_config
-from qcloop.monitor.plugins import make_plugin_manager
+from qcloop.monitor.core import hookspecs
+from qcloop.monitor.core.config import QcloopConfig, parse_config
+from qcloop.monitor.core.plugin_manager import make_plugin_manager
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 HOOKS_PAGE = DOCS / "plugin-hooks.md"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qcloop.monitor.evaluation import (
+from qcloop.monitor.method.evaluation import (
     CaseEvaluation,
     ablation_markdown,
     ablation_tables,

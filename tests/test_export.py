@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from qcloop.deploy import onnx_export
 from qcloop.deploy.onnx_export import ExportError, parity_slices, read_metadata
 from qcloop.monitor import hookimpl
-from qcloop.monitor.cli import cli
-from qcloop.monitor.plugins import get_plugin_manager, reset_plugin_manager
+from qcloop.monitor.cli.main import cli
+from qcloop.monitor.core.plugin_manager import get_plugin_manager, reset_plugin_manager
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -139,7 +139,7 @@ def test_models_carry_metadata(exported: dict[str, Any]) -> None:
 def test_dynamic_batch_and_a_second_input_size(exported: dict[str, Any]) -> None:
     import torch
 
-    from qcloop.monitor.modelset import load_model_set
+    from qcloop.monitor.method.run_folder import load_model_set
 
     out, run = exported["out"], exported["run"]
     model_set = load_model_set(run, "SA")
@@ -208,8 +208,8 @@ def test_broken_export_fails_and_leaves_no_model(
 
 
 def test_parity_data_sources(tiny_run: Path, tiny_cohort: Path, tmp_path: Path) -> None:
-    from qcloop.monitor.modelset import load_run_config
-    from qcloop.monitor.pipeline import make_preprocessor
+    from qcloop.monitor.method.cases import make_preprocessor
+    from qcloop.monitor.method.run_folder import load_run_config
 
     pre = make_preprocessor(load_run_config(tiny_run), 8)
     phantoms = parity_slices("SA", pre, run_data=tmp_path / "gone", data=None, max_cases=2)

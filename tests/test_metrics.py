@@ -1,4 +1,4 @@
-"""Tests of qcloop.monitor.metrics against MONAI, a brute-force scipy reference and hand values."""
+"""Tests of qcloop.monitor.method.segmentation_metrics against MONAI, a brute-force scipy reference and hand values."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
-from qcloop.monitor.metrics import (
+from qcloop.monitor.method.segmentation_metrics import (
     StructureScores,
     compute_metrics,
     dice_score,
@@ -275,7 +275,7 @@ def test_errors_are_clear():
 
 
 def test_bench_command_lists_metrics():
-    from qcloop.monitor.commands.bench import bench
+    from qcloop.monitor.cli.bench import bench
 
     result = CliRunner().invoke(bench, ["--help"])
     assert result.exit_code == 0

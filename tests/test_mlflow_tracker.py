@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from qcloop.monitor.config import QcloopConfig
-from qcloop.monitor.registry import default_tracking_uri
-from qcloop.plugins.mlflow_tracker import MlflowTracker, TrackingError, metric_key
+from qcloop.monitor.core.config import QcloopConfig
+from qcloop.monitor.ops.registry import default_tracking_uri
+from qcloop.plugins.mlflow.tracker import MlflowTracker, TrackingError, metric_key
 from tests.conftest import tiny_run_config
 
 
@@ -58,11 +58,11 @@ def test_default_uri_is_sqlite_in_the_working_folder(
 
 
 def test_the_plugin_registers_the_tracker_and_the_config_selects_it(in_workdir: Path) -> None:
-    from qcloop.monitor.pipeline import make_tracker
-    from qcloop.monitor.plugins import get_plugin_manager
+    from qcloop.monitor.core.plugin_manager import get_plugin_manager
+    from qcloop.monitor.core.tracking import make_tracker
 
     trackers = get_plugin_manager().trackers()
-    assert trackers.plugin_of("mlflow") == "qcloop.plugins.mlflow_tracker"
+    assert trackers.plugin_of("mlflow") == "qcloop.plugins.mlflow.tracker"
     cfg = QcloopConfig.model_validate(
         {"tracking": {"tracker": {"name": "mlflow", "params": {"experiment": "cfg"}}}}
     )
@@ -76,7 +76,7 @@ def test_the_plugin_registers_the_tracker_and_the_config_selects_it(in_workdir: 
 def test_training_run_records_params_epoch_metrics_and_artifacts(
     in_workdir: Path, tiny_cohort: Path
 ) -> None:
-    from qcloop.monitor.pipeline import train_run
+    from qcloop.monitor.method.train import train_run
 
     base = tiny_run_config().model_dump(mode="json")
     # a short schedule: this checks what is recorded, not how well the model segments
@@ -131,7 +131,7 @@ def test_training_run_records_params_epoch_metrics_and_artifacts(
 def test_assessment_run_records_counts_and_ood_fraction(
     in_workdir: Path, tiny_cohort: Path, tiny_run: Path
 ) -> None:
-    from qcloop.monitor.pipeline import assess_run
+    from qcloop.monitor.method.assess import assess_run
 
     tracker = MlflowTracker(experiment="assess")
     out = in_workdir / "assessed"
@@ -183,7 +183,7 @@ def test_nested_runs_failure_status_and_refused_values(in_workdir: Path) -> None
 
 
 def test_demo_ablation_table_and_files_are_logged(in_workdir: Path) -> None:
-    from qcloop.monitor.demo import _log_demo
+    from qcloop.monitor.cli.demo_run import _log_demo
 
     out = in_workdir / "demo"
     out.mkdir()

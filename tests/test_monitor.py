@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from qcloop.monitor.config import QcloopConfig, RefinementConfig
+from qcloop.monitor.core.config import QcloopConfig, RefinementConfig
 from qcloop.monitor.data import discover
-from qcloop.monitor.drift import DriftLimits, WindowStats, judge_drift
-from qcloop.monitor.modelset import load_run_config
-from qcloop.monitor.monitoring import Champion, Monitor, read_identity
-from qcloop.monitor.monitoring_store import JsonlLog
-from qcloop.monitor.monitoring_webhook import AlertmanagerWebhook, parse_payload
-from qcloop.plugins.prometheus_exporter import QcMetrics
+from qcloop.monitor.method.run_folder import load_run_config
+from qcloop.monitor.ops.drift import DriftLimits, WindowStats, judge_drift
+from qcloop.monitor.ops.files import JsonlLog
+from qcloop.monitor.ops.monitor import Champion, Monitor, read_identity
+from qcloop.monitor.ops.webhook import AlertmanagerWebhook, parse_payload
+from qcloop.plugins.prometheus.exporter import QcMetrics
 
 SECRET = "s3cret-for-tests"
 
@@ -446,7 +446,7 @@ def test_identity_from_names_and_sidecars(tmp_path: Path) -> None:
 
 
 def test_inbox_waits_for_files_to_settle(tmp_path: Path) -> None:
-    from qcloop.monitor.monitoring import InboxWatcher
+    from qcloop.monitor.ops.monitor import InboxWatcher
 
     now = [0.0]
     w = InboxWatcher(tmp_path, settle_s=1.0, clock=lambda: now[0])
@@ -469,8 +469,8 @@ def test_command_line_needs_one_model_source_and_a_webhook_secret(
 ) -> None:
     from click.testing import CliRunner
 
-    from qcloop.monitor.cli import cli
-    from qcloop.monitor.monitoring_webhook import WebhookError, webhook_secret
+    from qcloop.monitor.cli.main import cli
+    from qcloop.monitor.ops.webhook import WebhookError, webhook_secret
 
     runner = CliRunner()
     args = ["monitor", "--inbox", str(tmp_path / "in"), "--out", str(tmp_path / "out")]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from qcloop.monitor.data import CaseError, discover, load_case
-from qcloop.monitor.online import OnlineScorer, Runtime, TorchRuntime, load_online_scorers
+from qcloop.monitor.ops.scoring import OnlineScorer, Runtime, TorchRuntime, load_online_scorers
 
 
 def _finite(obj: object) -> bool:
@@ -48,7 +48,7 @@ def test_scores_one_case_per_view_on_its_original_grid(tiny_run: Path, tiny_coho
 
 def test_matches_batch_assessment_with_reference_fences(tiny_run: Path, tiny_cohort: Path) -> None:
     """The online path gives the same record numbers as ``assess_run`` (reference population)."""
-    from qcloop.monitor.pipeline import assess_run
+    from qcloop.monitor.method.assess import assess_run
 
     out = tiny_run.parent / "assess-online-check"
     assess_run(tiny_cohort, tiny_run, out, views=["SA"], where={"split": "test"})
@@ -64,7 +64,7 @@ def test_matches_batch_assessment_with_reference_fences(tiny_run: Path, tiny_coh
 
 
 def test_wrong_view_and_missing_fences_are_clear_errors(tiny_run: Path, tiny_cohort: Path) -> None:
-    from qcloop.monitor.modelset import load_model_set, load_run_config
+    from qcloop.monitor.method.run_folder import load_model_set, load_run_config
 
     cfg = load_run_config(tiny_run)
     model_set = load_model_set(tiny_run, "SA", cfg)
@@ -88,8 +88,8 @@ def test_pose_normalisation_same_online_and_in_batch(
 
     import yaml
 
-    from qcloop.monitor.modelset import RunError
-    from qcloop.monitor.pipeline import assess_run
+    from qcloop.monitor.method.assess import assess_run
+    from qcloop.monitor.method.run_folder import RunError
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("onnx", "training"))

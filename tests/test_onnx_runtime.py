@@ -20,9 +20,9 @@ from qcloop.deploy.onnx_runtime import (
     make_runtime,
     resolve_providers,
 )
-from qcloop.monitor.cli import cli
+from qcloop.monitor.cli.main import cli
 from qcloop.monitor.data import discover, load_case
-from qcloop.monitor.online import Runtime, TorchRuntime, load_online_scorers
+from qcloop.monitor.ops.scoring import Runtime, TorchRuntime, load_online_scorers
 
 pytest.importorskip("onnxruntime")
 

@@ -32,7 +32,7 @@ def test_help_does_not_import_heavy_libraries() -> None:
     code = (
         "import sys\n"
         "from click.testing import CliRunner\n"
-        "from qcloop.monitor.cli import cli\n"
+        "from qcloop.monitor.cli.main import cli\n"
         "r = CliRunner().invoke(cli, ['--help'])\n"
         "assert r.exit_code == 0, r.output\n"
         "heavy = [m for m in ('torch', 'mlflow', 'monai', 'matplotlib') if m in sys.modules]\n"
@@ -45,7 +45,7 @@ def test_help_does_not_import_heavy_libraries() -> None:
 def test_every_command_has_help() -> None:
     from click.testing import CliRunner
 
-    from qcloop.monitor.cli import cli
+    from qcloop.monitor.cli.main import cli
 
     runner = CliRunner()
     ctx = cli.make_context("qcloop", ["--help"], resilient_parsing=True)

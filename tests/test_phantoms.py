@@ -350,6 +350,6 @@ def test_gallery_writes_pngs(tmp_path: Path) -> None:
 
 
 def _cli() -> click.Group:
-    from qcloop.monitor.cli import cli
+    from qcloop.monitor.cli.main import cli
 
     return cli

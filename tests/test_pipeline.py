@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from qcloop.monitor.cli import cli
+from qcloop.monitor.cli.main import cli
 from tests.helpers import tiny_run_config
 
 pytestmark = pytest.mark.slow
@@ -129,7 +129,7 @@ def test_refine_writes_a_new_model_set_beside_the_original(trained, tmp_path) ->
 
 
 def test_demo_ablation_schema(tmp_path) -> None:
-    from qcloop.monitor.demo import run_demo
+    from qcloop.monitor.cli.demo_run import run_demo
 
     result = run_demo(tmp_path / "demo", preset="tiny", config=tiny_run_config(), workers=1)
     saved = json.loads((tmp_path / "demo" / "ablation.json").read_text())
@@ -153,7 +153,7 @@ def test_demo_ablation_schema(tmp_path) -> None:
 
 def test_assess_broadcasts_case_scored_events(trained, tmp_path) -> None:
     from qcloop.monitor import hookimpl
-    from qcloop.monitor.plugins import get_plugin_manager
+    from qcloop.monitor.core.plugin_manager import get_plugin_manager
 
     seen: list[dict] = []
 

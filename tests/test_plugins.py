@@ -16,9 +16,9 @@ import pytest
 from click.testing import CliRunner
 
 from qcloop.monitor import hookimpl
-from qcloop.monitor import plugins as plugins_module
-from qcloop.monitor.cli import cli
-from qcloop.monitor.plugins import (
+from qcloop.monitor.cli.main import cli
+from qcloop.monitor.core import plugin_manager as plugins_module
+from qcloop.monitor.core.plugin_manager import (
     DuplicateComponentError,
     PluginLoadError,
     UnknownComponentError,
@@ -285,7 +285,7 @@ def test_allow_list_name_matching_nothing_is_logged(
 ) -> None:
     install_plugin()
     plugin_env.setenv("QCLOOP_LOAD_PLUGINS", "fakeplug,not-installed")
-    with caplog.at_level(logging.WARNING, logger="qcloop.monitor.plugins"):
+    with caplog.at_level(logging.WARNING, logger="qcloop.monitor.core.plugin_manager"):
         pm = make_plugin_manager()
     assert pm.has_plugin("fakeplug")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

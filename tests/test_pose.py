@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from qcloop.monitor.config import QcloopConfig
-from qcloop.monitor.modelset import RunError, configured_pose
-from qcloop.monitor.pose import PoseReference, case_angle, reference_angle, rotate_maps
+from qcloop.monitor.core.config import QcloopConfig
+from qcloop.monitor.method.pose import PoseReference, case_angle, reference_angle, rotate_maps
+from qcloop.monitor.method.run_folder import RunError, configured_pose
 
 S = 64
 

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from qcloop.monitor.drift import RollingWindow, decision_pdc
-from qcloop.monitor.plugins import get_plugin_manager
-from qcloop.plugins.prometheus_exporter import QcMetrics
+from qcloop.monitor.core.plugin_manager import get_plugin_manager
+from qcloop.monitor.ops.drift import RollingWindow, decision_pdc
+from qcloop.plugins.prometheus.exporter import QcMetrics
 
 
 def record(view: str = "SA", ood: bool = False, rv: float = 0.9, phase: str = "ED") -> dict:

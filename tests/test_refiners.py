@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from qcloop.monitor.losses import one_hot
-from qcloop.monitor.training import (
+from qcloop.monitor.method.losses import one_hot
+from qcloop.monitor.method.segmenter_training import (
     SliceSet,
     TrainSettings,
     ValCase,
@@ -199,7 +199,7 @@ def test_refiners_do_not_train_towards_a_pseudo_label_without_rv(setup) -> None:
 
 
 def test_refinement_history_reaches_the_tracker_as_numbers() -> None:
-    from qcloop.monitor.pipeline import _log_refinement
+    from qcloop.monitor.method.refine import _log_refinement
 
     logged: list[tuple[dict[str, float], int | None]] = []
 

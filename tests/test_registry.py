@@ -16,9 +16,9 @@ import pytest
 from click.testing import CliRunner
 
 from qcloop.monitor import hookimpl
-from qcloop.monitor import registry as reg
-from qcloop.monitor.cli import cli
-from qcloop.monitor.plugins import get_plugin_manager, reset_plugin_manager
+from qcloop.monitor.cli.main import cli
+from qcloop.monitor.core.plugin_manager import get_plugin_manager, reset_plugin_manager
+from qcloop.monitor.ops import registry as reg
 from tests.mlflow_server import MlflowServer, mlflow_server  # noqa: F401
 
 #: The drift window: two subjects of shifted vendor B (small, so refinement takes seconds).
@@ -99,7 +99,7 @@ def _gate_rule(figures: dict[str, float], margin: float) -> bool:
 
 
 def _config(run: Path, prefix: str, promotion: str, margin: float) -> Any:
-    from qcloop.monitor.modelset import load_run_config
+    from qcloop.monitor.method.run_folder import load_run_config
 
     cfg = load_run_config(run)
     return cfg.model_copy(
@@ -124,8 +124,8 @@ def test_refined_challenger_is_gated_promoted_loaded_and_rolled_back(
     prefix: str,
 ) -> None:
     from qcloop.monitor.data import discover, load_case
-    from qcloop.monitor.online import load_online_scorers
-    from qcloop.monitor.pipeline import refine_run
+    from qcloop.monitor.method.refine import refine_run
+    from qcloop.monitor.ops.scoring import load_online_scorers
 
     uri = mlflow_server.uri
     run = _copy_run(tiny_run, tmp_path / "run")

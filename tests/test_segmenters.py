@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qcloop.monitor.components import Segmenter
+from qcloop.monitor.core.interfaces import Segmenter
 from qcloop.segmenters.bn1 import BN1UNet
 from qcloop.segmenters.bn2 import BN2UNet
 

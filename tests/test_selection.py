@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qcloop.monitor.selection import (
+from qcloop.monitor.method.selection import (
     Selection,
     apply_selection,
     best_values,

@@ -31,8 +31,8 @@ from qcloop.deploy.serve_models import (
     SourceError,
     bundle_from_scorers,
 )
-from qcloop.monitor.config import QcloopConfig
-from qcloop.monitor.modelset import load_run_config
+from qcloop.monitor.core.config import QcloopConfig
+from qcloop.monitor.method.run_folder import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-0123456789abcdef"
@@ -389,7 +389,7 @@ def test_registry_alias_move_reloads_without_failing_a_request(
 ) -> None:
     """Two run folders behind ``qcloop@champion``: moving the alias while requests run swaps
     the models; every request succeeds and the versions reported change."""
-    from qcloop.monitor import registry
+    from qcloop.monitor.ops import registry
 
     runs = {}
     for version in ("1", "2"):
@@ -523,7 +523,7 @@ def test_cli_refuses_without_a_key_or_with_two_sources(
 ) -> None:
     from click.testing import CliRunner
 
-    from qcloop.monitor.cli import cli
+    from qcloop.monitor.cli.main import cli
 
     monkeypatch.delenv("QCLOOP_API_KEY", raising=False)
     runner = CliRunner()
@@ -601,7 +601,7 @@ def test_kubernetes_manifests_and_dockerfile_match_the_app() -> None:
     assert entry and cmd
     argv = json.loads(entry.group(1)) + json.loads(cmd.group(1))
     assert argv[:2] == ["qcloop", "serve"]
-    from qcloop.monitor.commands.serve import serve
+    from qcloop.monitor.cli.serve import serve
 
     options = {opt for p in serve.params for opt in p.opts}
     for args in (argv[2:], container["args"]):
@@ -621,7 +621,7 @@ def test_bench_serve_runs_the_cli_server_in_a_subprocess(tiny_run: Path) -> None
     from click.testing import CliRunner
 
     from qcloop.monitor.benchmarks.serve import phantom_sa_volume
-    from qcloop.monitor.cli import cli
+    from qcloop.monitor.cli.main import cli
 
     payload, shape = phantom_sa_volume(slices=10)
     image = nib.Nifti1Image.from_bytes(gzip.decompress(payload))

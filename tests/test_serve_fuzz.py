@@ -26,7 +26,7 @@ from schemathesis.checks import (
 
 from qcloop.deploy.serve import create_app
 from qcloop.deploy.serve_models import RunSource
-from qcloop.monitor.modelset import load_run_config
+from qcloop.monitor.method.run_folder import load_run_config
 from tests.test_serve import LiveServer
 
 KEY = "fuzz-key-0123456789abcdef"

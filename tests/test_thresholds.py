@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qcloop.monitor import hookspecs
+from qcloop.monitor.core import hookspecs
 from qcloop.plugins import thresholds
 from qcloop.plugins.thresholds import Fences, IQRThresholds
 

@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from qcloop.monitor.losses import SupervisedLoss, one_hot, weighted_generalised_dice
-from qcloop.monitor.training import SliceSet, TrainSettings, ValCase, train_segmenter, validate
+from qcloop.monitor.method.losses import SupervisedLoss, one_hot, weighted_generalised_dice
+from qcloop.monitor.method.segmenter_training import (
+    SliceSet,
+    TrainSettings,
+    ValCase,
+    train_segmenter,
+    validate,
+)
 from qcloop.segmenters.bn1 import BN1UNet
 from tests.helpers import heart_slices
 
@@ -98,7 +104,7 @@ def test_resume_is_exact(tmp_path) -> None:
     [(1, [5, 4, 3]), (3, [5, 2]), (2, [5, 3, 1])],
 )
 def test_candidates_respect_the_epoch_gap(gap, expected) -> None:
-    from qcloop.monitor.training import Checkpoint, spread_candidates
+    from qcloop.monitor.method.segmenter_training import Checkpoint, spread_candidates
 
     scores = [0.50, 0.55, 0.70, 0.72, 0.74, 0.80]  # improving: the last epochs are the best
     pool = [Checkpoint(f"e{i}", i, s) for i, s in enumerate(scores)]

@@ -20,7 +20,7 @@ from qcloop.deploy.triton import (
     parse_model_config,
     validate_model_config,
 )
-from qcloop.monitor.cli import cli
+from qcloop.monitor.cli.main import cli
 
 ort = pytest.importorskip("onnxruntime")
 

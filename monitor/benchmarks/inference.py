@@ -123,7 +123,7 @@ def run_inference_benchmark(
     import torch
 
     from qcloop.deploy.onnx_export import library_versions, to_onnx
-    from qcloop.monitor.plugins import get_plugin_manager
+    from qcloop.monitor.core.plugin_manager import get_plugin_manager
 
     say = progress or (lambda line: log.info("%s", line))
     if repeats < 1 or warmup < 0:

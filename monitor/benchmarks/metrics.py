@@ -1,4 +1,4 @@
-"""Speed and agreement of :func:`qcloop.monitor.metrics.compute_metrics` against MONAI's
+"""Speed and agreement of :func:`qcloop.monitor.method.segmentation_metrics.compute_metrics` against MONAI's
 ``compute_hausdorff_distance`` and a whole-image scipy distance-transform version, on heart-like
 label maps (nested ellipses for LV and MYO, a crescent for the RV) and perturbed predictions.
 """
@@ -18,7 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from qcloop.monitor import STRUCTURES
-from qcloop.monitor.metrics import compute_metrics
+from qcloop.monitor.method.segmentation_metrics import compute_metrics
 
 __all__ = ["heart_label_map", "run_metrics_benchmark"]
 

@@ -12,9 +12,9 @@ import nibabel as nib
 import numpy as np
 from nibabel.openers import ImageOpener
 
-from qcloop.monitor.atomic import atomic_path
+from qcloop.monitor.core.atomic import atomic_path
+from qcloop.monitor.core.progress import progress
 from qcloop.monitor.data.case import Case, CaseError, CaseSource, LoadReport
-from qcloop.monitor.progress import progress
 
 __all__ = ["iter_cases", "load_case", "load_cases", "save_label_map"]
 

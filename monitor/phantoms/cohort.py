@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qcloop.monitor.core.progress import progress
 from qcloop.monitor.phantoms.anatomy import sample_anatomy
 from qcloop.monitor.phantoms.appearance import VENDORS, ladder_chain, sample_chain
 from qcloop.monitor.phantoms.nifti import remove_stale_subjects, write_subject
@@ -28,7 +29,6 @@ from qcloop.monitor.phantoms.views import (
     sample_geometry,
     scenes_to_images,
 )
-from qcloop.monitor.progress import progress
 
 __all__ = [
     "CSV_COLUMNS",

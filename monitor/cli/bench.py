@@ -1,0 +1,79 @@
+"""``qcloop bench``: benchmarks that print figures."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from qcloop.monitor.cli.main import LazyGroup
+
+#: benchmarks defined in their own command modules (``module:attr`` under qcloop.monitor.cli)
+LAZY_BENCHMARKS = {
+    "inference": "bench_inference:inference",
+    "serve": "bench_serve:serve",
+}
+
+
+@click.group(cls=LazyGroup, lazy=LAZY_BENCHMARKS, plugin_commands=False)
+def bench() -> None:
+    """Benchmarks that print figures (timings and agreement with reference libraries)."""
+
+
+@bench.command("metrics")
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Timed calls per method and mask pair.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Phantom generator seed.")
+@click.option(
+    "--torch-threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Threads for torch (MONAI's path); torch's default when left out.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def metrics(repeats: int, seed: int, torch_threads: int | None, as_json: bool) -> None:
+    """Dice/HD/HD95: qcloop vs MONAI vs a whole-image scipy version, on heart-like masks."""
+    from qcloop.monitor.benchmarks.metrics import run_metrics_benchmark
+
+    if torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+
+    figures = run_metrics_benchmark(repeats=repeats, seed=seed)
+    if as_json:
+        click.echo(json.dumps(figures, indent=2))
+        return
+    click.echo(_metrics_table(figures))
+
+
+def _metrics_table(figures: dict[str, Any]) -> str:
+    """The metrics benchmark figures as a small text table."""
+    lines = [
+        f"metrics benchmark: repeats={figures['repeats']} seed={figures['seed']} "
+        f"torch threads={figures['torch_threads']} cpus={figures['cpu_count']} "
+        f"load(1 min)={figures['load_average_1min']}",
+        "",
+        f"{'case':<20}{'qcloop ms':>11}{'monai ms':>11}{'scipy ms':>11}"
+        f"{'x monai':>9}{'x scipy':>9}{'|d| HD':>10}{'|d| HD95':>10}",
+    ]
+    for kind, result in figures["results"].items():
+        shape = "x".join(str(n) for n in result["shape"])
+        median = result["median_ms"]
+        diff = result["max_abs_diff_mm"]
+        lines.append(
+            f"{kind + ' ' + shape:<20}{median['qcloop']:>11.2f}{median['monai']:>11.2f}"
+            f"{median['scipy_whole_image']:>11.2f}{result['speedup_vs_monai']:>9.1f}"
+            f"{result['speedup_vs_scipy_whole_image']:>9.1f}"
+            f"{diff['qcloop_vs_monai_hd']:>10.1e}{diff['qcloop_vs_monai_hd95']:>10.1e}"
+        )
+    lines.append("")
+    lines.append("median ms per mask pair; |d|: max |qcloop - MONAI| in mm over all structures.")
+    lines.extend(f"- {note}" for note in figures["notes"])
+    return "\n".join(lines)

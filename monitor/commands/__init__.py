@@ -1,1 +1,0 @@
-"""One module per ``qcloop`` subcommand, imported only when that command runs."""

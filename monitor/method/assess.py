@@ -1,0 +1,248 @@
+"""`qcloop assess` / `predict`: every case scored by every candidate and the QC module, judged
+against its fences, the output chosen by QC-based selection."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qcloop.monitor.core import atomic
+from qcloop.monitor.core.config import QcloopConfig
+from qcloop.monitor.core.interfaces import Tracker
+from qcloop.monitor.core.progress import progress
+from qcloop.monitor.core.resolve import build_threshold_strategy
+from qcloop.monitor.core.tracking import log_file, make_tracker
+from qcloop.monitor.data import CaseError, discover
+from qcloop.monitor.method.assessment import Assessor, ScoredCase, fit_population_fences
+from qcloop.monitor.method.cases import (
+    PreparedCase,
+    compute_true,
+    load_prepared,
+    make_preprocessor,
+    restore_labels,
+)
+from qcloop.monitor.method.run_folder import (
+    ModelSet,
+    RunError,
+    configured_pose,
+    load_model_set,
+    load_run_config,
+    run_views,
+)
+
+log = logging.getLogger(__name__)
+
+
+def population(cfg: QcloopConfig) -> str:
+    """``reference`` or ``transductive``."""
+    return str(cfg.assessment.thresholds.params.get("population", "reference"))
+
+
+def make_assessor(model_set: ModelSet, cfg: QcloopConfig) -> Assessor:
+    """An assessor configured from ``cfg``."""
+    a = cfg.assessment
+    return Assessor(
+        model_set,
+        decision_structure=a.decision_structure,
+        voxel_units=a.hd_units == "voxel",
+        pose=configured_pose(cfg, model_set.pose, model_set.view),
+    )
+
+
+@dataclass
+class Assessed:
+    """A scored and judged case, with its candidates' probabilities while they are needed."""
+
+    item: PreparedCase
+    scored: ScoredCase
+    probs: list[np.ndarray] = field(default_factory=list)
+
+
+CaseCallback = Callable[[Assessed], None]
+
+
+def assess_prepared(
+    model_set: ModelSet,
+    cases: Sequence[PreparedCase],
+    cfg: QcloopConfig,
+    on_case: CaseCallback | None = None,
+) -> list[ScoredCase]:
+    """Score, judge and select every case; ``on_case`` sees each case with its probabilities.
+
+    With reference fences each case is judged as soon as it is scored; with transductive fences
+    the whole population is scored first, fences are fitted per phase, and candidates' maps are
+    recomputed for the callback (nothing large is held for the whole population).
+    """
+    assessor = make_assessor(model_set, cfg)
+    transductive = population(cfg) == "transductive"
+    scored_all: list[ScoredCase] = []
+    for item in progress(cases, desc=f"assessing {model_set.view}"):
+        scored, probs = assessor.score(item.key, item.prepared.image, item.net_spacing)
+        scored_all.append(scored)
+        if transductive:
+            continue
+        scored.judge(reference_fences(model_set, item.case.phase))
+        if on_case is not None:
+            on_case(Assessed(item, scored, probs))
+    if transductive and scored_all:
+        strategy = build_threshold_strategy(cfg)
+        fences = fit_population_fences(scored_all, strategy, _phase, skip_unfittable=True)
+        missing = {_phase(s) for s in scored_all} - set(fences)
+        if missing:
+            # a phase whose every case is penalised is judged with the pooled fences
+            fences.update(
+                {
+                    p: fit_population_fences(scored_all, strategy, lambda s: "all")["all"]
+                    for p in missing
+                }
+            )
+        for item, scored in zip(cases, scored_all, strict=True):
+            scored.judge(fences[_phase(scored)])
+            if on_case is not None:
+                on_case(
+                    Assessed(item, scored, assessor.candidate_probabilities(item.prepared.image))
+                )
+    return scored_all
+
+
+def reference_fences(model_set: ModelSet, phase: str) -> Any:
+    """The reference fences of ``phase`` (pooled fences for a phase not calibrated)."""
+    if phase in model_set.fences:
+        return model_set.fences[phase]
+    if "all" in model_set.fences:
+        return model_set.fences["all"]
+    raise CaseError(phase, "the run has no reference fences; use population: transductive")
+
+
+def _phase(scored: ScoredCase) -> str:
+    return str(scored.key["phase"])
+
+
+def flag_collector(flagged: list[Assessed]) -> CaseCallback:
+    """A case callback that keeps each OoD case with its QC-selected map (what refiners need)."""
+
+    def keep(a: Assessed) -> None:
+        if a.scored.ood:
+            flagged.append(Assessed(a.item, a.scored, [_selected(a).astype(np.float32)]))
+
+    return keep
+
+
+def _selected(a: Assessed) -> np.ndarray:
+    from qcloop.monitor.method.assessment import selected_probabilities
+
+    return selected_probabilities(a.scored, a.probs)
+
+
+def assess_run(
+    data_dir: str | Path,
+    run_dir: str | Path | Mapping[str, str | Path],
+    out_dir: str | Path,
+    *,
+    write_masks: bool = False,
+    views: Sequence[str] | None = None,
+    where: dict[str, Any] | None = None,
+    tracker: Tracker | None = None,
+    model_info: Mapping[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Assess (and with ``write_masks`` predict) every case of ``data_dir`` with a run.
+
+    ``run_dir`` is one run folder, or a mapping view -> run folder (registered versions of
+    each view resolved from the registry live in separate folders); ``model_info`` adds a
+    ``model`` field (e.g. registered name and version) to each view's records.
+
+    Writes ``out_dir/records.jsonl`` (one JSON record per case, in case order) and
+    ``out_dir/summary.json``; with ``write_masks`` the QC-selected masks go to
+    ``out_dir/masks/<subject>_<view>_<phase>_pred.nii.gz`` on the original grid with the
+    original affine and header. Bad cases are reported in the summary and skipped.
+
+    With a tracker (``tracker``, else the run's configured one) the assessment is one tracked
+    run: per view the case and OoD counts and the OoD fraction, and ``summary.json``.
+    """
+    from qcloop.monitor.core.plugin_manager import get_plugin_manager
+    from qcloop.monitor.data import save_label_map
+
+    pm = get_plugin_manager()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(run_dir, Mapping):
+        runs = {v: Path(r) for v, r in run_dir.items() if views is None or v in views}
+        if not runs:
+            raise RunError(f"no run folder for the views {list(views or [])}")
+    else:
+        one = Path(run_dir)
+        runs = {v: one for v in (views or run_views(one))}
+    views = list(runs)
+    run = next(iter(runs.values()))
+    cfg = load_run_config(run)
+    all_sources = discover(data_dir, where=where)
+    records: list[dict[str, Any]] = []
+    errors: list[CaseError] = []
+    per_view: dict[str, Any] = {}
+    for view in views:
+        view_cfg = load_run_config(runs[view]) if runs[view] != run else cfg
+        model_set = load_model_set(runs[view], view, view_cfg)
+        info = {"run": str(runs[view].resolve()), **dict((model_info or {}).get(view, {}))}
+        pre = make_preprocessor(view_cfg, getattr(model_set.best, "divisor", 1))
+        cases = load_prepared([s for s in all_sources if s.view == view], pre, errors)
+
+        def emit(a: Assessed, info: dict[str, Any] = info) -> None:
+            rec = a.scored.to_record()
+            rec["model"] = info
+            labels = None
+            if a.item.case.gt is not None or write_masks:
+                labels = restore_labels(a.item, _selected(a))
+            if a.item.case.gt is not None:
+                rec["true_selected"] = {
+                    s: {"dice": v.dice, "hd_mm": v.hd}
+                    for s, v in compute_true(labels, a.item.case).items()
+                }
+            if write_masks:
+                src = a.item.case.source
+                path = out / "masks" / f"{src.subject}_{src.view}_{src.phase}_pred.nii.gz"
+                save_label_map(path, labels, a.item.case)
+                rec["mask"] = str(path)
+            records.append(rec)
+            pm.notify_case_scored(rec)  # one broadcast per case, after the work is done
+
+        scored = assess_prepared(model_set, cases, view_cfg, emit)
+        per_view[view] = {
+            "cases": len(scored),
+            "ood": sum(bool(s.ood) for s in scored),
+            "population": population(view_cfg),
+        }
+    atomic.write_text(
+        out / "records.jsonl", "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
+    )
+    summary = {
+        "run": str(run.resolve()),
+        "runs": {v: str(r.resolve()) for v, r in runs.items()},
+        "data": str(Path(data_dir).resolve()),
+        "views": per_view,
+        "cases": len(records),
+        "ood": sum(bool(r.get("ood")) for r in records),
+        "skipped": [{"path": str(e.path), "reason": e.reason} for e in errors],
+    }
+    atomic.write_json(out / "summary.json", summary)
+    tracker = tracker if tracker is not None else make_tracker(cfg)
+    run_tags = {"qcloop.kind": "assess", "qcloop.run_dir": str(run.resolve())}
+    with tracker.start_run(f"assess {out.name}", tags=run_tags):
+        tracker.log_params(
+            {"data": summary["data"], "run": summary["run"], "write_masks": write_masks}
+        )
+        metrics = {"cases": float(summary["cases"]), "ood": float(summary["ood"])}
+        metrics["skipped"] = float(len(errors))
+        for view, d in per_view.items():
+            metrics[f"{view}.cases"] = float(d["cases"])
+            metrics[f"{view}.ood"] = float(d["ood"])
+            if d["cases"]:
+                metrics[f"{view}.ood_fraction"] = d["ood"] / d["cases"]
+        tracker.log_metrics(metrics)
+        log_file(tracker, out / "summary.json")
+    return summary

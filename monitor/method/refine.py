@@ -1,0 +1,257 @@
+"""`qcloop refine`: every candidate fine-tuned on the flagged cases by the configured refiner,
+saved as a new run folder beside its parent."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qcloop.monitor import __version__
+from qcloop.monitor.core import atomic
+from qcloop.monitor.core.config import QcloopConfig
+from qcloop.monitor.core.interfaces import Tracker
+from qcloop.monitor.core.serialise import jsonable, utc_now
+from qcloop.monitor.core.tracking import log_file, make_tracker
+from qcloop.monitor.method.assess import Assessed, assess_prepared, flag_collector, make_assessor
+from qcloop.monitor.method.assessment import Assessor
+from qcloop.monitor.method.cases import (
+    load_prepared,
+    make_preprocessor,
+    sources_for,
+    split_labelled,
+)
+from qcloop.monitor.method.run_folder import (
+    load_model_set,
+    load_run_config,
+    read_run_info,
+    run_views,
+    save_candidates,
+)
+from qcloop.monitor.method.segmenter_training import (
+    SliceSet,
+)
+
+log = logging.getLogger(__name__)
+
+
+def copy_run_skeleton(src: Path, dst: Path, views: Sequence[str]) -> None:
+    """Copy what a refined run shares with its parent: config, QC modules, fences and poses."""
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src / "config.yaml", dst / "config.yaml")
+    for view in views:
+        (dst / view).mkdir(parents=True, exist_ok=True)
+        for name in ("qc.pt", "fences.json", "pose.json"):
+            if (src / view / name).exists():
+                shutil.copy2(src / view / name, dst / view / name)
+
+
+def refine_run(
+    data_dir: str | Path,
+    run_dir: str | Path,
+    out_run: str | Path,
+    cfg: QcloopConfig | None = None,
+    *,
+    labelled_dir: str | Path | None = None,
+    views: Sequence[str] | None = None,
+    where: dict[str, Any] | None = None,
+    assessed_by_view: dict[str, tuple[int, list[Assessed]]] | None = None,
+    tracker: Tracker | None = None,
+) -> dict[str, Any]:
+    """Refine every candidate on the OoD cases of ``data_dir``; save the refined set in
+    ``out_run`` beside (never over) ``run_dir``.
+
+    ``assessed_by_view`` reuses assessments of ``data_dir`` already made with ``run_dir`` (see
+    :func:`refine_view`). With a tracker (``tracker``, else the configured one) this is one
+    tracked run with a nested run per view: the refiner's per-epoch loss and OoD count per
+    candidate, OoD before and after, and ``run.json``."""
+    run, out = Path(run_dir), Path(out_run)
+    if out.resolve() == run.resolve():
+        raise ValueError(f"{out}: refined models go beside the original run, not over it")
+    cfg = cfg or load_run_config(run)
+    parent = read_run_info(run)
+    views = [v for v in (views or run_views(run))]
+    labelled_dir = labelled_dir or parent.get("data")
+    copy_run_skeleton(run, out, views)
+    info: dict[str, Any] = {
+        "qcloop_version": __version__,
+        "kind": "refined",
+        "created": utc_now(),
+        "data": parent.get("data"),
+        "parent": str(run.resolve()),
+        "refined_on": str(Path(data_dir).resolve()),
+        "views": {},
+    }
+    tracker = tracker if tracker is not None else make_tracker(cfg)
+    run_tags = {
+        "qcloop.kind": "refine",
+        "qcloop.run_dir": str(out.resolve()),
+        "qcloop.parent_run": str(run.resolve()),
+    }
+    with tracker.start_run(f"refine {out.name}", tags=run_tags):
+        tracker.log_params(
+            {
+                "data_window": info["refined_on"],
+                "parent": info["parent"],
+                "refiner": cfg.refinement.refiner.name,
+                "refiner_params": dict(cfg.refinement.refiner.params),
+                "k_semi": cfg.refinement.k_semi,
+                "where": json.dumps(where or {}, sort_keys=True),
+            }
+        )
+        for view in views:
+            with tracker.start_run(f"refine {out.name} {view}", tags={"qcloop.view": view}):
+                info["views"][view] = result = refine_view(
+                    view,
+                    run,
+                    out,
+                    cfg,
+                    data_dir,
+                    labelled_dir,
+                    where,
+                    (assessed_by_view or {}).get(view),
+                )
+                _log_refinement(tracker, result)
+        atomic.write_json(out / "run.json", info)
+        log_file(tracker, out / "run.json")
+    return info
+
+
+def _log_refinement(tracker: Tracker, result: dict[str, Any]) -> None:
+    """A view's refinement as metrics: window counts, and per candidate the numbers of each
+    epoch (``c<i>.loss``, ``c<i>.ood``, ``c<i>.skipped_cases`` as a count...) with
+    ``c<i>.ood_before`` / ``c<i>.ood_after``."""
+    tracker.log_metrics(
+        {"window_cases": float(result["cases"]), "window_ood": float(result["flagged"])}
+    )
+    for i, h in enumerate(result.get("history") or []):
+        for e in h.get("epochs") or []:
+            step = int(e.get("epoch", 0))
+            metrics = {}
+            for k, v in e.items():
+                if isinstance(v, list | tuple):
+                    v = len(v)
+                if k != "epoch" and isinstance(v, int | float) and not isinstance(v, bool):
+                    metrics[f"c{i}.{k}"] = float(v)
+            tracker.log_metrics(metrics, step=step)
+        before = h.get("ood_before")
+        epochs = h.get("epochs") or []
+        after = next((e["ood"] for e in reversed(epochs) if "ood" in e), before)
+        if isinstance(before, int | float) and isinstance(after, int | float):
+            tracker.log_metrics(
+                {f"c{i}.ood_before": float(before), f"c{i}.ood_after": float(after)}
+            )
+
+
+def refine_view(
+    view: str,
+    run: Path,
+    out: Path,
+    cfg: QcloopConfig,
+    data_dir: str | Path,
+    labelled_dir: str | Path,
+    where: dict[str, Any] | None = None,
+    assessed: tuple[int, list[Assessed]] | None = None,
+) -> dict[str, Any]:
+    """Refine the candidates of one view on its flagged cases; write them under ``out/view``.
+
+    ``assessed`` = (number of cases, flagged cases as kept by :func:`flag_collector`) reuses an
+    assessment already made with this run instead of assessing ``data_dir`` again.
+    """
+    from qcloop.monitor.core.plugin_manager import get_plugin_manager
+    from qcloop.plugins.refiners import FlaggedSet
+
+    rc = cfg.refinement.refiner
+    model_set = load_model_set(run, view, cfg)
+    pre = make_preprocessor(cfg, getattr(model_set.best, "divisor", 1))
+    if assessed is None:
+        flagged_items: list[Assessed] = []
+        cases = load_prepared(sources_for(data_dir, [view], where), pre)
+        n_cases = len(assess_prepared(model_set, cases, cfg, flag_collector(flagged_items)))
+    else:
+        n_cases, flagged_items = assessed
+    flagged = FlaggedSet(
+        images=[a.item.prepared.image for a in flagged_items],
+        selected=[a.probs[0] for a in flagged_items],
+    )
+    train_src, _ = split_labelled(sources_for(labelled_dir, [view]), seed=cfg.seed)
+    labelled = load_prepared(train_src, pre)
+    slices = SliceSet.from_stacks(
+        [c.prepared.image for c in labelled], [c.prepared.gt for c in labelled]
+    )
+    assessor = make_assessor(model_set, cfg)
+    case_qc = CaseQC(assessor.reconstruct)
+    fences = [a.scored.fences for a in flagged_items]
+
+    def still_ood(model: Any) -> int:
+        return count_still_ood(assessor, model, flagged_items, fences)
+
+    refined, histories = [], []
+    for i, candidate in enumerate(model_set.candidates):
+        params = {"seed": cfg.seed + i, **rc.params}
+        if rc.name == "alpha":
+            params.setdefault("k_semi", cfg.refinement.k_semi)
+        refiner = get_plugin_manager().refiners().create(rc.name, params)
+        model = copy.deepcopy(candidate)
+        histories.append(refiner.refine(model, case_qc, flagged, slices, still_ood))
+        refined.append(model)
+    entries = [
+        {**e, "path": f"candidates/refined-{i}.pt", "parent_path": e["path"]}
+        for i, e in enumerate(model_set.candidate_info)
+    ]
+    save_candidates(out / view, refined, entries)
+    log.info(
+        "%s: refined %d candidate(s) on %d flagged of %d cases",
+        view,
+        len(refined),
+        len(flagged_items),
+        n_cases,
+    )
+    return {
+        "cases": n_cases,
+        "flagged": len(flagged_items),
+        "refiner": rc.name,
+        "flagged_keys": [f"{a.item.case.key}" for a in flagged_items],
+        "history": jsonable(histories),
+    }
+
+
+@dataclass(frozen=True)
+class CaseQC:
+    """The QC module as refiners see it: ``reconstruct`` of one case's softmax maps
+    ``(Z, C, S, S)``, in the reference pose when pose normalisation is on."""
+
+    reconstruct: Callable[[np.ndarray], np.ndarray]
+
+
+def count_still_ood(
+    assessor: Assessor, model: Any, flagged: Sequence[Assessed], fences: Sequence[Any]
+) -> int:
+    """How many flagged cases one candidate still leaves outside its fences."""
+    from qcloop.monitor.method.assessment import STRUCTURE_NAMES, decision_value, pseudo_metrics
+    from qcloop.monitor.method.segmenter_training import predict_probabilities
+
+    # only the decision structure matters here: skip the other structures' distances
+    decision = assessor.decision_structure
+    structures = STRUCTURE_NAMES if decision == "mean" else (decision,)
+    n = 0
+    for a, f in zip(flagged, fences, strict=True):
+        probs = predict_probabilities(model, a.item.prepared.image)
+        recon = assessor.reconstruct(probs)
+        scores = pseudo_metrics(
+            probs.argmax(1),
+            recon.argmax(1),
+            a.item.net_spacing,
+            voxel_units=assessor.voxel_units,
+            structures=structures,
+        )
+        pdc, phd, _ = decision_value(scores, assessor.decision_structure)
+        n += int(f.is_outlier(pdc, phd))
+    return n

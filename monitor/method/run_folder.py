@@ -1,0 +1,178 @@
+"""A model set: the candidate segmenters, the QC module and the reference fences of one view,
+saved in a run folder.
+
+Run folder layout::
+
+    RUN/run.json                 qcloop version, views, lineage (parent run, refinement)
+    RUN/config.yaml              the configuration the run was made with
+    RUN/<VIEW>/candidates.json   kept checkpoints, best first (path, epoch, validation Dice)
+    RUN/<VIEW>/candidates/*.pt   segmenter weights (tensors and plain values only)
+    RUN/<VIEW>/qc.pt             QC module state
+    RUN/<VIEW>/fences.json       reference fences per phase (population "reference")
+    RUN/<VIEW>/pose.json         reference pose of the training masks (monitor/pose.py)
+    RUN/<VIEW>/training/last.pt  resumable training state
+
+Everything is loaded with ``torch.load(weights_only=True)``: no pickle of arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qcloop.monitor.core import atomic
+from qcloop.monitor.core.config import QcloopConfig, load_config
+from qcloop.monitor.core.resolve import build_qc_module, build_segmenter
+from qcloop.monitor.method.pose import PoseReference, load_pose
+
+log = logging.getLogger(__name__)
+
+VIEWS = ("SA", "LA")
+
+
+class RunError(Exception):
+    """A run folder is missing, incomplete or inconsistent."""
+
+
+@dataclass
+class ModelSet:
+    """Candidates, QC module and reference fences of one view."""
+
+    view: str
+    candidates: list[torch.nn.Module]
+    candidate_info: list[dict[str, Any]]
+    qc: Any
+    fences: dict[str, Any] = field(default_factory=dict)
+    pose: PoseReference | None = None
+
+    @property
+    def best(self) -> torch.nn.Module:
+        """The single best checkpoint by validation Dice (configuration ``M``)."""
+        return self.candidates[0]
+
+
+def save_candidates(
+    view_dir: Path, candidates: list[torch.nn.Module], info: list[dict[str, Any]]
+) -> None:
+    """Write candidate weights and ``candidates.json`` (best first) into ``view_dir``."""
+    entries = []
+    for i, (model, meta) in enumerate(zip(candidates, info, strict=True)):
+        rel = meta.get("path") or f"candidates/candidate-{i}.pt"
+        atomic.torch_save(
+            {
+                "state_dict": model.state_dict(),
+                "epoch": int(meta.get("epoch", -1)),
+                "val_dice": float(meta.get("val_dice", 0.0)),
+                "meta": {k: v for k, v in meta.items() if k != "path"},
+            },
+            view_dir / rel,
+        )
+        entries.append({**meta, "path": rel})
+    atomic.write_json(view_dir / "candidates.json", entries)
+
+
+def load_model_set(run: str | Path, view: str, config: QcloopConfig | None = None) -> ModelSet:
+    """Load the model set of ``view`` from run folder ``run``."""
+    run = Path(run)
+    view_dir = run / view
+    manifest = view_dir / "candidates.json"
+    if not manifest.exists():
+        raise RunError(f"{manifest}: missing - is {run} a trained qcloop run with view {view}?")
+    cfg = config or load_run_config(run)
+    entries = json.loads(manifest.read_text())
+    if not entries:
+        raise RunError(f"{manifest}: lists no candidates")
+    candidates = []
+    for entry in entries:
+        path = view_dir / entry["path"]
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception as exc:
+            raise RunError(f"{path}: cannot load candidate weights ({exc})") from exc
+        model = build_segmenter(cfg.segmenter.name, cfg.segmenter.params)
+        model.load_state_dict(state["state_dict"])
+        model.eval()
+        candidates.append(model)
+    qc_path = view_dir / "qc.pt"
+    if not qc_path.exists():
+        raise RunError(f"{qc_path}: missing QC module")
+    qc = build_qc_module(cfg.qc.module.name, qc_params(cfg, view))
+    qc.load_state_dict(torch.load(qc_path, weights_only=True))
+    return ModelSet(
+        view=view,
+        candidates=candidates,
+        candidate_info=entries,
+        qc=qc,
+        fences=load_fences(run, view),
+        pose=load_pose(run, view),
+    )
+
+
+def load_fences(run: str | Path, view: str) -> dict[str, Any]:
+    """Reference fences of ``view`` per phase (``"all"`` pooled); empty when not calibrated."""
+    fences_path = Path(run) / view / "fences.json"
+    if not fences_path.exists():
+        return {}
+    from qcloop.plugins.thresholds import Fences
+
+    return {phase: Fences.from_dict(d) for phase, d in json.loads(fences_path.read_text()).items()}
+
+
+def configured_pose(
+    cfg: QcloopConfig, pose: PoseReference | None, view: str
+) -> PoseReference | None:
+    """The reference pose to normalise with: ``pose`` when ``assessment.pose_normalisation``
+    is on (``RunError`` when the run has none), else ``None``."""
+    if not cfg.assessment.pose_normalisation:
+        return None
+    if pose is None:
+        raise RunError(
+            f"{view}: assessment.pose_normalisation is on but the run has no {view}/pose.json "
+            "(it was trained before qcloop recorded poses: retrain it, or switch the option off)"
+        )
+    return pose
+
+
+def qc_params(cfg: QcloopConfig, view: str, n_masks: int | None = None) -> dict[str, Any]:
+    """QC-module parameters with input size, input kind and schedule filled in from the config.
+
+    With ``n_masks`` (the training-set size) the epochs are raised so that training runs at
+    least ``qc.min_steps`` optimisation steps.
+    """
+    params = {
+        "input_size": cfg.preprocessing.size,
+        "input": cfg.qc.input,
+        "epochs": cfg.qc.epochs,
+        "batch_size": cfg.qc.batch_size,
+    }
+    if n_masks:
+        steps_per_epoch = max(1, -(-n_masks // cfg.qc.batch_size))
+        params["epochs"] = max(cfg.qc.epochs, -(-cfg.qc.min_steps // steps_per_epoch))
+    params.update(cfg.qc.module.params)
+    return params
+
+
+def load_run_config(run: str | Path) -> QcloopConfig:
+    """The configuration a run was made with."""
+    path = Path(run) / "config.yaml"
+    if not path.exists():
+        raise RunError(f"{path}: missing - not a qcloop run folder")
+    return load_config(path)
+
+
+def read_run_info(run: str | Path) -> dict[str, Any]:
+    """``run.json`` of a run folder."""
+    path = Path(run) / "run.json"
+    if not path.exists():
+        raise RunError(f"{path}: missing - not a qcloop run folder")
+    return json.loads(path.read_text())
+
+
+def run_views(run: str | Path) -> list[str]:
+    """Views with a model set in ``run``."""
+    return [v for v in VIEWS if (Path(run) / v / "candidates.json").exists()]

@@ -1,0 +1,290 @@
+"""Supervised training of a segmenter M that keeps the ``m_best`` best checkpoints.
+
+Shuffled, seeded, augmented; ``L_sup = GD + CE`` with deep supervision; validation Dice per
+case (the mean over LV, MYO and RV of the 3D stack) after every ``val_every`` epochs; the best
+``m_best`` checkpoints become the candidate set. Resumable: ``training/last.pt`` is written
+atomically after every epoch and holds everything needed to continue.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qcloop.monitor.core import atomic
+from qcloop.monitor.method.augment import augment_batch
+from qcloop.monitor.method.losses import SupervisedLoss
+
+log = logging.getLogger(__name__)
+
+MetricsLogger = Callable[[dict[str, float], int], None]
+
+
+@dataclass
+class SliceSet:
+    """2D training slices in network layout: images ``(N, 1, S, S)``, labels ``(N, S, S)``."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.labels.ndim != 3 or len(self.images) != len(self.labels):
+            raise ValueError(
+                f"SliceSet needs images (N,1,S,S) and labels (N,S,S); got {self.images.shape} "
+                f"and {self.labels.shape}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @classmethod
+    def from_stacks(cls, images: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> SliceSet:
+        """Concatenate per-case stacks ``(Z, S, S)`` into one slice set."""
+        return cls(
+            images=np.concatenate([i[:, None] for i in images]).astype(np.float32, copy=False),
+            labels=np.concatenate(list(labels)).astype(np.uint8, copy=False),
+        )
+
+
+@dataclass
+class ValCase:
+    """A validation case on the network grid: image ``(Z, S, S)`` and labels ``(Z, S, S)``."""
+
+    image: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass
+class TrainSettings:
+    """What :func:`train_segmenter` needs from the configuration."""
+
+    epochs: int = 30
+    batch_size: int = 8
+    m_best: int = 3
+    val_every: int = 1
+    flip: bool = True
+    rotation_deg: float = 15.0
+    scale: tuple[float, float] = (0.85, 1.15)
+    max_slices_per_epoch: int | None = None
+    lr: float | None = None
+    seed: int = 0
+    checkpoint_gap: int = 1
+
+
+@dataclass
+class Checkpoint:
+    """One kept checkpoint: its file (relative to the model folder), epoch and validation Dice."""
+
+    path: str
+    epoch: int
+    val_dice: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "epoch": self.epoch, "val_dice": self.val_dice}
+
+
+@dataclass
+class TrainResult:
+    """The kept checkpoints, best first, and the per-epoch history."""
+
+    checkpoints: list[Checkpoint]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: torch.nn.Module, image: np.ndarray, batch_size: int = 16
+) -> np.ndarray:
+    """Softmax probabilities ``(Z, C, S, S)`` of ``model`` (eval mode) for slices ``(Z, S, S)``."""
+    was_training = model.training
+    model.eval()
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[:, None]
+    out = [torch.softmax(model(x[i : i + batch_size]), dim=1) for i in range(0, len(x), batch_size)]
+    model.train(was_training)
+    return torch.cat(out).numpy()
+
+
+def mean_foreground_dice(
+    pred: np.ndarray, ref: np.ndarray, labels: Sequence[int] = (1, 2, 3)
+) -> float:
+    """Mean Dice over ``labels`` between two label maps (both empty counts as 1)."""
+    from qcloop.monitor.method.segmentation_metrics import dice_score
+
+    return float(np.mean([dice_score(pred == k, ref == k) for k in labels]))
+
+
+def validate(model: torch.nn.Module, cases: Sequence[ValCase]) -> float:
+    """Mean per-case foreground Dice on the network grid."""
+    scores = [
+        mean_foreground_dice(predict_probabilities(model, c.image).argmax(1), c.labels)
+        for c in cases
+    ]
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def _segmenter_weights(model: torch.nn.Module) -> list[float] | None:
+    fn = getattr(model, "deep_supervision_weights", None)
+    return list(fn()) if callable(fn) else None
+
+
+def train_segmenter(
+    model: torch.nn.Module,
+    train: SliceSet,
+    val: Sequence[ValCase],
+    settings: TrainSettings,
+    out_dir: str | Path,
+    *,
+    model_meta: dict[str, Any] | None = None,
+    resume: bool = True,
+    log_metrics: MetricsLogger | None = None,
+) -> TrainResult:
+    """Train ``model`` and keep the ``m_best`` best checkpoints by validation Dice in ``out_dir``.
+
+    Args:
+        model: a freshly built segmenter (see :class:`qcloop.monitor.core.interfaces.Segmenter`).
+        train: training slices.
+        val: validation cases (3D stacks on the network grid).
+        settings: epochs, batch size, augmentation, seed, ...
+        out_dir: model folder; ``candidates/`` and ``training/last.pt`` are written there.
+        model_meta: stored in every checkpoint (segmenter name and params, view, ...).
+        resume: continue from ``training/last.pt`` when it exists.
+        log_metrics: optional ``log(metrics, step)`` callback (trackers).
+    """
+    out = Path(out_dir)
+    (out / "candidates").mkdir(parents=True, exist_ok=True)
+    last_path = out / "training" / "last.pt"
+    torch.manual_seed(settings.seed)
+    gen = torch.Generator().manual_seed(settings.seed)
+    optimizer, scheduler = model.make_optimizer(settings.epochs, lr=settings.lr)
+    loss_fn = SupervisedLoss(num_classes=getattr(model, "num_classes", 4))
+    ds_weights = _segmenter_weights(model)
+    kept: list[Checkpoint] = []
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+
+    if resume and last_path.exists():
+        state = torch.load(last_path, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        kept = [Checkpoint(**c) for c in state["kept"]]
+        history = list(state["history"])
+        start_epoch = int(state["epoch"]) + 1
+        log.info("resuming training at epoch %d from %s", start_epoch, last_path)
+
+    images = torch.from_numpy(train.images)
+    labels = torch.from_numpy(train.labels.astype(np.int64))
+    n = len(train)
+    per_epoch = min(n, settings.max_slices_per_epoch or n)
+    for epoch in range(start_epoch, settings.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        order = torch.randperm(n, generator=gen)[:per_epoch]
+        losses = []
+        for i in range(0, per_epoch, settings.batch_size):
+            idx = order[i : i + settings.batch_size]
+            if len(idx) < 2:  # BatchNorm needs more than one sample
+                continue
+            x, y = augment_batch(
+                images[idx],
+                labels[idx],
+                gen,
+                flip=settings.flip,
+                rotation_deg=settings.rotation_deg,
+                scale=settings.scale,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y, ds_weights)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        scheduler.step()
+        record = {"epoch": float(epoch), "train_loss": float(np.mean(losses)) if losses else 0.0}
+        if (epoch + 1) % settings.val_every == 0 or epoch == settings.epochs - 1:
+            score = validate(model, val)
+            record["val_dice"] = score
+            # with a checkpoint gap, a larger pool is kept and spread out at the end
+            pool = settings.m_best * settings.checkpoint_gap
+            kept, dropped = _keep_best(model, kept, score, epoch, out, pool, model_meta)
+        else:
+            dropped = []
+        record["seconds"] = time.perf_counter() - t0
+        history.append(record)
+        log.info(
+            "epoch %d/%d loss %.4f%s (%.1f s)",
+            epoch + 1,
+            settings.epochs,
+            record["train_loss"],
+            f" val Dice {record['val_dice']:.4f}" if "val_dice" in record else "",
+            record["seconds"],
+        )
+        atomic.torch_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "kept": [c.to_dict() for c in kept],
+                "history": history,
+                "epoch": epoch,
+            },
+            last_path,
+        )
+        # only now that last.pt no longer names them may dropped checkpoints go
+        for stale in dropped:
+            (out / stale.path).unlink(missing_ok=True)
+        if log_metrics is not None:
+            log_metrics({k: v for k, v in record.items() if k != "epoch"}, epoch)
+    chosen = spread_candidates(kept, settings.m_best, settings.checkpoint_gap)
+    for stale in kept:
+        if stale not in chosen:
+            (out / stale.path).unlink(missing_ok=True)
+    return TrainResult(checkpoints=chosen, history=history)
+
+
+def _keep_best(
+    model: torch.nn.Module,
+    kept: list[Checkpoint],
+    score: float,
+    epoch: int,
+    out: Path,
+    keep: int,
+    meta: dict[str, Any] | None,
+) -> tuple[list[Checkpoint], list[Checkpoint]]:
+    """Save this epoch's weights if they rank among the ``keep`` best.
+
+    Returns the kept checkpoints (best first) and those that fell out (to delete).
+    """
+    ranked = sorted(kept, key=lambda c: -c.val_dice)
+    if len(ranked) >= keep and score <= ranked[-1].val_dice:
+        return ranked, []
+    rel = f"candidates/epoch-{epoch:04d}.pt"
+    atomic.torch_save(
+        {"state_dict": model.state_dict(), "epoch": epoch, "val_dice": score, "meta": meta or {}},
+        out / rel,
+    )
+    ranked.append(Checkpoint(path=rel, epoch=epoch, val_dice=score))
+    ranked.sort(key=lambda c: -c.val_dice)
+    return ranked[:keep], ranked[keep:]
+
+
+def spread_candidates(pool: list[Checkpoint], m_best: int, gap: int) -> list[Checkpoint]:
+    """The ``m_best`` best checkpoints of ``pool`` that are at least ``gap`` epochs apart
+    (greedy by validation Dice; ``gap`` 1 gives the plain m_best best)."""
+    chosen: list[Checkpoint] = []
+    for c in sorted(pool, key=lambda c: -c.val_dice):
+        if all(abs(c.epoch - k.epoch) >= gap for k in chosen):
+            chosen.append(c)
+        if len(chosen) == m_best:
+            break
+    return chosen

@@ -1,0 +1,250 @@
+"""Online scoring: one incoming case at a time, judged against the run's reference fences.
+
+This is the per-case path shared by ``qcloop predict``-style services: ``qcloop monitor`` (an
+inbox of incoming cases) and ``qcloop serve`` (an HTTP API). A :class:`Runtime` runs the
+networks (PyTorch here; ONNX Runtime in ``qcloop.deploy.onnx_runtime``); the
+:class:`OnlineScorer` does the rest: preprocessing, pDC/pHD, the OoD flag against the fences
+calibrated at training time, QC-based selection, and the selected mask on the original grid.
+Components are resolved once when the scorer is built; nothing per case goes through pluggy.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from qcloop.monitor.core.config import QcloopConfig
+from qcloop.monitor.data import Case, CaseError
+from qcloop.monitor.data.preprocess import Preprocessor
+from qcloop.monitor.method.assessment import ScoredCase, pseudo_metrics, selected_probabilities
+from qcloop.monitor.method.cases import make_preprocessor, record_key
+from qcloop.monitor.method.pose import PoseReference, reconstruct_posed
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """Runs one view's networks: every candidate segmenter and the QC module.
+
+    Arrays are float32, channels first: images ``(Z, S, S)`` (preprocessed slices), softmax maps
+    ``(Z, C, S, S)``. Implementations batch the slices and build their sessions once.
+    """
+
+    #: ``"torch"`` or ``"onnxruntime"``.
+    name: str
+    #: input size ``S`` and the multiple the network needs (``S % divisor == 0``).
+    input_size: int
+    divisor: int
+    n_candidates: int
+
+    def segment(self, image: np.ndarray) -> list[np.ndarray]:
+        """Softmax maps of every candidate (best by validation Dice first)."""
+        ...
+
+    def reconstruct(self, probabilities: np.ndarray) -> np.ndarray:
+        """The QC module's reconstruction of a softmax map (same shape)."""
+        ...
+
+    def providers(self) -> list[str]:
+        """Execution providers / devices actually in use (read back, not requested)."""
+        ...
+
+
+class TorchRuntime:
+    """:class:`Runtime` on PyTorch modules of a loaded :class:`~qcloop.monitor.method.run_folder.ModelSet`."""
+
+    name = "torch"
+
+    def __init__(self, model_set: Any, input_size: int, batch_size: int = 16) -> None:
+        self.model_set = model_set
+        self.input_size = int(input_size)
+        self.divisor = int(getattr(model_set.best, "divisor", 1))
+        self.n_candidates = len(model_set.candidates)
+        self.batch_size = int(batch_size)
+        for model in model_set.candidates:
+            model.eval()
+
+    def segment(self, image: np.ndarray) -> list[np.ndarray]:
+        """Softmax maps of every candidate (no gradients)."""
+        import torch
+
+        from qcloop.monitor.method.segmenter_training import predict_probabilities
+
+        with torch.inference_mode():
+            return [
+                predict_probabilities(m, image, self.batch_size) for m in self.model_set.candidates
+            ]
+
+    def reconstruct(self, probabilities: np.ndarray) -> np.ndarray:
+        """The QC module's reconstruction."""
+        return self.model_set.qc.reconstruct(probabilities)
+
+    def providers(self) -> list[str]:
+        """``["torch:cpu"]`` or ``["torch:cuda"]``: the device of the first candidate's weights."""
+        param = next(self.model_set.best.parameters())
+        return [f"torch:{param.device.type}"]
+
+
+@dataclass
+class CaseResult:
+    """What scoring one case produced."""
+
+    #: the JSON record (same fields as ``qcloop assess`` records, plus runtime and latency).
+    record: dict[str, Any]
+    #: the QC-selected labels on the case's original grid, uint8 ``(X, Y, Z)``.
+    labels: np.ndarray
+    scored: ScoredCase
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ood(self) -> bool:
+        """Whether the case was flagged out of distribution."""
+        return bool(self.scored.ood)
+
+
+class OnlineScorer:
+    """Scores single cases of one view against the reference fences of a run.
+
+    Args:
+        view: ``"SA"`` or ``"LA"``.
+        runtime: the networks of that view.
+        fences: reference fences per phase (``"all"`` pooled), from the run's ``fences.json``.
+        cfg: the run's configuration (preprocessing and assessment sections).
+        model_info: identity of the models (run folder, registered name/version), copied into
+            every record under ``"model"``.
+        pose: the run's reference pose when ``assessment.pose_normalisation`` is on.
+    """
+
+    def __init__(
+        self,
+        view: str,
+        runtime: Runtime,
+        fences: dict[str, Any],
+        cfg: QcloopConfig,
+        model_info: dict[str, Any] | None = None,
+        pose: PoseReference | None = None,
+    ) -> None:
+
+        if not fences:
+            raise ValueError(
+                f"{view}: the run has no reference fences; online scoring needs them "
+                "(train with qcloop train, which calibrates them)"
+            )
+        self.view = view
+        self.runtime = runtime
+        self.fences = fences
+        self.cfg = cfg
+        self.model_info = dict(model_info or {})
+        self.pose = pose
+        self.preprocessor: Preprocessor = make_preprocessor(cfg, runtime.divisor)
+        self.decision_structure = cfg.assessment.decision_structure
+        self.voxel_units = cfg.assessment.hd_units == "voxel"
+
+    def fences_for(self, phase: str) -> Any:
+        """Reference fences of ``phase``, else the pooled ones."""
+        fences = self.fences.get(phase) or self.fences.get("all")
+        if fences is None:
+            raise CaseError(phase, f"no reference fences for phase {phase!r} nor pooled ones")
+        return fences
+
+    def score(self, case: Case) -> CaseResult:
+        """Score, judge and select one loaded case; raises ``CaseError`` for an unusable case."""
+        if case.view != self.view:
+            raise CaseError(
+                case.source.image_path, f"a {case.view} case given to the {self.view} scorer"
+            )
+        t0 = time.perf_counter()
+        try:
+            prepared = self.preprocessor.prepare(case)
+        except ValueError as exc:
+            raise CaseError(case.source.image_path, str(exc), key=case.key) from exc
+        t1 = time.perf_counter()
+        probs = self.runtime.segment(prepared.image)
+        t2 = time.perf_counter()
+        sx, sy, sz = prepared.spacing
+        spacing = (sz, sx, sy)
+        per_candidate = []
+        for p in probs:
+            recon = reconstruct_posed(self.runtime.reconstruct, p, self.pose)
+            per_candidate.append(
+                pseudo_metrics(p.argmax(1), recon.argmax(1), spacing, voxel_units=self.voxel_units)
+            )
+        t3 = time.perf_counter()
+        src = case.source
+        scored = ScoredCase(
+            key=record_key(src),
+            spacing=spacing,
+            candidates=per_candidate,
+            decision_structure=self.decision_structure,
+        )
+        scored.judge(self.fences_for(src.phase))
+        selected = selected_probabilities(scored, probs)
+        labels = prepared.transform.restore_probabilities(selected).argmax(-1).astype(np.uint8)
+        t4 = time.perf_counter()
+        timings = {
+            "preprocess": t1 - t0,
+            "segment": t2 - t1,
+            "qc": t3 - t2,
+            "select_restore": t4 - t3,
+            "total": t4 - t0,
+        }
+        record = scored.to_record()
+        record["runtime"] = {"name": self.runtime.name, "providers": self.runtime.providers()}
+        record["model"] = self.model_info
+        record["latency_s"] = timings["total"]
+        return CaseResult(record=record, labels=labels, scored=scored, timings_s=timings)
+
+
+def load_online_scorers(
+    run_dir: str | Path,
+    views: Sequence[str] | None = None,
+    *,
+    runtime: str = "torch",
+    onnx_dir: str | Path | None = None,
+    model_info: dict[str, Any] | None = None,
+    threads: int | None = None,
+) -> dict[str, OnlineScorer]:
+    """One :class:`OnlineScorer` per view of a run folder.
+
+    ``runtime="onnxruntime"`` runs the ONNX models exported by ``qcloop export-onnx`` from
+    ``onnx_dir`` (default ``RUN/onnx``) with ``threads`` intra-op threads per session
+    (ONNX Runtime's default when ``None``); ``"torch"`` runs the PyTorch weights (torch's
+    thread count is process-wide: set it with ``torch.set_num_threads``).
+    """
+    from qcloop.monitor.method.pose import load_pose
+    from qcloop.monitor.method.run_folder import (
+        configured_pose,
+        load_fences,
+        load_model_set,
+        load_run_config,
+        run_views,
+    )
+
+    run = Path(run_dir)
+    cfg = load_run_config(run)
+    info = {"run": str(run.resolve()), **(model_info or {})}
+    scorers = {}
+    if runtime not in ("torch", "onnxruntime"):
+        raise ValueError(f"unknown runtime {runtime!r}: expected 'torch' or 'onnxruntime'")
+    for view in views or run_views(run):
+        if runtime == "torch":
+            model_set = load_model_set(run, view, cfg)
+            rt: Runtime = TorchRuntime(model_set, cfg.preprocessing.size)
+            fences = model_set.fences
+        else:  # the exported models only: no PyTorch module is built
+            from qcloop.deploy.onnx_runtime import OrtRuntime
+
+            rt = OrtRuntime.from_export(Path(onnx_dir or run / "onnx"), view, threads=threads)
+            fences = load_fences(run, view)
+        pose = configured_pose(cfg, load_pose(run, view), view)
+        scorers[view] = OnlineScorer(view, rt, fences, cfg, info, pose)
+    if not scorers:
+        raise CaseError(run, "the run has no trained view")
+    return scorers

@@ -1,0 +1,1 @@
+"""MLflow integration: the experiment tracker and the model registry."""

@@ -1,0 +1,1 @@
+"""Prometheus integration: QC drift metrics fed by the event hooks."""

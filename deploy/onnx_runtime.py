@@ -31,7 +31,6 @@ __all__ = [
     "CUDA",
     "OrtRuntime",
     "cuda_usable",
-    "make_runtime",
     "resolve_providers",
 ]
 
@@ -323,32 +322,3 @@ class OrtRuntime:
             "input_size": self.input_size,
             "batch_size": self.batch_size,
         }
-
-
-def make_runtime(
-    kind: str,
-    run: str | Path,
-    view: str,
-    *,
-    onnx_dir: str | Path | None = None,
-    providers: Sequence[str] | str | None = None,
-    batch_size: int = 16,
-    threads: int | None = None,
-) -> Any:
-    """A runtime of ``kind`` (``"torch"`` or ``"onnxruntime"``) for ``view`` of ``run``; ONNX
-    models come from ``onnx_dir`` (default ``RUN/onnx``)."""
-    if kind == "onnxruntime":
-        return OrtRuntime.from_export(
-            Path(onnx_dir) if onnx_dir is not None else Path(run) / "onnx",
-            view,
-            providers=providers,
-            batch_size=batch_size,
-            threads=threads,
-        )
-    if kind == "torch":
-        from qcloop.monitor.method.run_folder import load_model_set, load_run_config
-        from qcloop.monitor.ops.scoring import TorchRuntime
-
-        cfg = load_run_config(run)
-        return TorchRuntime(load_model_set(run, view, cfg), cfg.preprocessing.size, batch_size)
-    raise ValueError(f"unknown runtime {kind!r}: expected 'torch' or 'onnxruntime'")

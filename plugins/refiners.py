@@ -16,45 +16,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from qcloop.monitor import hookimpl
 from qcloop.monitor.core.hookspecs import Register
+from qcloop.monitor.core.slices import FlaggedSet, SliceSet
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from qcloop.monitor.core.interfaces import CaseReconstructor
-    from qcloop.monitor.method.segmenter_training import SliceSet
 
 log = logging.getLogger(__name__)
 
 #: ``still_ood(model) -> int``: how many flagged cases this candidate still leaves OoD.
 StillOod = Callable[["torch.nn.Module"], int]
 MetricsLogger = Callable[[dict[str, float], int], None]
-
-
-@dataclass
-class FlaggedSet:
-    """The unlabelled cases flagged as OoD, on the network grid.
-
-    Attributes:
-        images: per case, slices ``(Z, S, S)``.
-        selected: per case, the QC-selected softmax map ``(Z, C, S, S)`` (used by ``blend``).
-    """
-
-    images: list[np.ndarray]
-    selected: list[np.ndarray] | None = None
-
-    def slices(self) -> np.ndarray:
-        """All slices ``(N, 1, S, S)``."""
-        return np.concatenate(self.images)[:, None].astype(np.float32, copy=False)
-
-    def __len__(self) -> int:
-        return len(self.images)
 
 
 class AlphaRefiner:

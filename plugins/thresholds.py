@@ -177,6 +177,8 @@ class IQRThresholds:
         k: fence multiplier (Tukey's 1.5 by default; 3 gives "far out" fences).
         population: where the scores passed to :meth:`fit` come from, recorded on the fences:
             ``"reference"`` (held-out labelled data) or ``"transductive"`` (the unseen cases).
+            A label only: which population qcloop fits fences on is the configuration's
+            ``assessment.population``.
         min_iqr_pdc: floor on the pDC spread, used when the IQR is smaller.
         min_iqr_phd_mm: floor on the pHD spread in mm, used when the IQR is smaller.
         min_pdc_low: the lowest value ``pdc_low`` may take, so zero overlap is always an outlier
@@ -300,6 +302,10 @@ class IQRThresholds:
             )
         logger.debug("fitted %s", fences)
         return fences
+
+    def fences_from_dict(self, data: Mapping[str, Any]) -> Fences:
+        """Fences this strategy wrote (:meth:`Fences.to_dict`), read back from a run folder."""
+        return Fences.from_dict(data)
 
 
 @hookimpl

@@ -61,8 +61,7 @@ def tiny_run_config() -> QcloopConfig:
                 "min_steps": 150,
             },
             "refinement": {
-                "refiner": {"name": "alpha", "params": {"max_slices_per_epoch": 16}},
-                "k_semi": 1,
+                "refiner": {"name": "alpha", "params": {"k_semi": 1, "max_slices_per_epoch": 16}},
             },
         }
     )

@@ -28,6 +28,7 @@ from qcloop.monitor.core.config import (
 from qcloop.monitor.core.plugin_manager import QcloopPluginManager, make_plugin_manager
 
 SECTIONS = {
+    "plugins",
     "seed",
     "views",
     "preprocessing",
@@ -69,12 +70,19 @@ EXPECTED_DEFAULT: dict[str, Any] = {
     "assessment": {
         "decision_structure": "RV",
         "hd_units": "mm",
-        "thresholds": {"name": "iqr", "params": {"k": 1.5, "population": "reference"}},
+        "thresholds": {"name": "iqr", "params": {"k": 1.5}},
+        "population": "reference",
         "pose_normalisation": False,
     },
-    "refinement": {"refiner": {"name": "alpha", "params": {}}, "k_semi": 5},
+    "refinement": {"refiner": {"name": "alpha", "params": {}}},
     "tracking": {"tracker": None},
-    "registry": {"name_prefix": "qcloop", "promotion": "approve", "dice_margin": 0.01},
+    "registry": {
+        "backend": {"name": "mlflow", "params": {}},
+        "uri": None,
+        "name_prefix": "qcloop",
+        "promotion": "approve",
+        "dice_margin": 0.01,
+    },
     "monitoring": {
         "window": 50,
         "min_cases": 10,
@@ -95,6 +103,7 @@ EXPECTED_DEFAULT: dict[str, Any] = {
         "api_key_file": None,
         "reload_poll_s": 30.0,
     },
+    "plugins": {"block": []},
 }
 
 
@@ -128,6 +137,14 @@ def _stub_pm() -> QcloopPluginManager:
 
         @hookimpl
         def register_trackers(self, register: Any) -> None:
+            register("mlflow", dict)
+
+        @hookimpl
+        def register_runtimes(self, register: Any) -> None:
+            register("onnxruntime", dict)
+
+        @hookimpl
+        def register_model_registries(self, register: Any) -> None:
             register("mlflow", dict)
 
     pm = make_plugin_manager(load_entrypoints=False, builtins=False)
@@ -219,7 +236,7 @@ def test_every_error_is_reported_with_its_path_and_line() -> None:
         ("training: {epochs: 2.5}\n", "training.epochs"),
         ("assessment: {decision_structure: LA}\n", "assessment.decision_structure"),
         ("assessment: {hd_units: cm}\n", "assessment.hd_units"),
-        ("refinement: {k_semi: 0}\n", "refinement.k_semi"),
+        ("assessment: {population: everything}\n", "assessment.population"),
         ("segmenter: {params: {}}\n", "segmenter.name"),
         ("tracking: {tracker: mlflow}\n", "tracking.tracker"),
         ("typo_section: 1\n", "typo_section"),
@@ -355,11 +372,13 @@ def test_override_config_merges_single_settings(tmp_path: Path) -> None:
     base = demo_config(quick=False)
     path = tmp_path / "over.yaml"
     path.write_text(
-        "qc:\n  module: {params: {augment_rotation_deg: 45}}\nrefinement: {k_semi: 3}\n"
+        "qc:\n  module: {params: {augment_rotation_deg: 45}}\n"
+        "refinement: {refiner: {params: {k_semi: 3}}}\n"
     )
     cfg = override_config(base, path)
     assert cfg.qc.module.params == {**base.qc.module.params, "augment_rotation_deg": 45}
-    assert cfg.refinement.k_semi == 3 and cfg.refinement.refiner == base.refinement.refiner
+    assert cfg.refinement.refiner.params == {**base.refinement.refiner.params, "k_semi": 3}
+    assert cfg.refinement.refiner.name == base.refinement.refiner.name
     assert cfg.segmenter == base.segmenter and cfg.preprocessing == base.preprocessing
     # another component: the demo's parameters of the old one are dropped
     path.write_text("refinement: {refiner: {name: blend, params: {epochs: 2}}}\n")
@@ -392,3 +411,18 @@ def test_demo_option_files_are_valid_overrides(path: Path) -> None:
     cfg = override_config(base, path)
     assert cfg != base  # each file changes something
     assert path.read_text().startswith(f"# qcloop demo --config docs/demo-options/{path.name}\n")
+
+
+def test_configurations_before_0_2_still_load() -> None:
+    """``refinement.k_semi`` became the alpha refiner's parameter and the fences' population a
+    core setting; configurations (and run folders) written before still load the same."""
+    old = parse_config(
+        "assessment:\n  thresholds: {name: iqr, params: {k: 1.5, population: transductive}}\n"
+        "refinement: {refiner: {name: alpha, params: {lr: 0.001}}, k_semi: 2}\n"
+    )
+    assert old.assessment.population == "transductive"
+    assert old.refinement.refiner.params == {"lr": 0.001, "k_semi": 2}
+    default = parse_config("refinement: {k_semi: 5}\n")  # the old default: the refiner's own
+    assert default.refinement.refiner.params == {}
+    kept = parse_config("refinement: {refiner: {name: alpha, params: {k_semi: 4}}, k_semi: 2}\n")
+    assert kept.refinement.refiner.params == {"k_semi": 4}  # params won before, as now

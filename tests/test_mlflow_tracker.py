@@ -121,7 +121,7 @@ def test_training_run_records_params_epoch_metrics_and_artifacts(
         "SA/training/qc_history.json",
     }
     fences = json.loads((in_workdir / "run" / "SA" / "fences.json").read_text())
-    for phase, f in fences.items():
+    for phase, f in fences["phases"].items():
         assert cal.data.metrics[f"fence.{phase}.pdc_low"] == pytest.approx(f["pdc_low"])
         assert cal.data.metrics[f"fence.{phase}.phd_high"] == pytest.approx(f["phd_high"])
     assert cal.data.params["strategy"] == "iqr"

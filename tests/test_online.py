@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qcloop.monitor.core.interfaces import Runtime
 from qcloop.monitor.data import CaseError, discover, load_case
-from qcloop.monitor.ops.scoring import OnlineScorer, Runtime, TorchRuntime, load_online_scorers
+from qcloop.monitor.ops.scoring import OnlineScorer, load_online_scorers
+from qcloop.monitor.ops.torch_runtime import TorchRuntime
 
 
 def _finite(obj: object) -> bool:

@@ -17,12 +17,14 @@ from qcloop.deploy.onnx_runtime import (
     CUDA,
     OrtRuntime,
     cuda_usable,
-    make_runtime,
     resolve_providers,
 )
 from qcloop.monitor.cli.main import cli
+from qcloop.monitor.core.interfaces import Runtime
+from qcloop.monitor.core.resolve import build_runtime
 from qcloop.monitor.data import discover, load_case
-from qcloop.monitor.ops.scoring import Runtime, TorchRuntime, load_online_scorers
+from qcloop.monitor.ops.scoring import load_online_scorers
+from qcloop.monitor.ops.torch_runtime import TorchRuntime
 
 pytest.importorskip("onnxruntime")
 
@@ -63,7 +65,7 @@ def test_runtime_protocol_shapes_and_batching(tiny_run: Path, onnx_dir: Path) ->
     runtime = OrtRuntime.from_export(onnx_dir, "SA", batch_size=3, threads=1)
     assert isinstance(runtime, Runtime)
     assert (runtime.input_size, runtime.divisor, runtime.n_candidates) == (64, 8, 2)
-    torch_rt = make_runtime("torch", tiny_run, "SA")
+    torch_rt = build_runtime("torch", tiny_run, "SA")
     assert isinstance(torch_rt, TorchRuntime)
     image = np.random.default_rng(1).standard_normal((7, 64, 64)).astype(np.float32)
     got, want = runtime.segment(image), torch_rt.segment(image)
@@ -80,7 +82,7 @@ def test_runtime_protocol_shapes_and_batching(tiny_run: Path, onnx_dir: Path) ->
     with pytest.raises(ValueError, match=r"expected slices \(Z, 64, 64\)"):
         runtime.segment(np.zeros((2, 32, 32), np.float32))
     with pytest.raises(ValueError, match="unknown runtime"):
-        make_runtime("tensorflow", tiny_run, "SA")
+        build_runtime("tensorflow", tiny_run, "SA")
     assert runtime.describe()["providers"] == runtime.providers()
 
 

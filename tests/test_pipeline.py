@@ -31,7 +31,9 @@ def test_train_writes_a_loadable_model_set(trained) -> None:
         assert len(entries) == 2
         assert entries[0]["val_dice"] >= entries[1]["val_dice"]
         fences = json.loads((run / view / "fences.json").read_text())
-        assert {"ED", "ES", "all"} <= set(fences)
+        assert {"ED", "ES", "all"} <= set(fences["phases"])
+        assert fences["strategy"] == {"name": "iqr", "params": {"k": 1.5}}
+        assert 0.0 <= fences["reference"]["median_pdc"] <= 1.0
         assert (run / view / "qc.pt").exists()
 
 

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
+from qcloop.monitor.core.slices import FlaggedSet, SliceSet
 from qcloop.monitor.method.losses import one_hot
 from qcloop.monitor.method.segmenter_training import (
-    SliceSet,
     TrainSettings,
     ValCase,
     predict_probabilities,
     train_segmenter,
 )
-from qcloop.plugins.refiners import AlphaRefiner, BlendRefiner, FlaggedSet
+from qcloop.plugins.refiners import AlphaRefiner, BlendRefiner
 from qcloop.segmenters.bn1 import BN1UNet
 from tests.helpers import heart_slices
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from qcloop.monitor.core.slices import SliceSet
 from qcloop.monitor.method.losses import SupervisedLoss, one_hot, weighted_generalised_dice
 from qcloop.monitor.method.segmenter_training import (
-    SliceSet,
     TrainSettings,
     ValCase,
     train_segmenter,

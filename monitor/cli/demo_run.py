@@ -73,14 +73,14 @@ def demo_config(quick: bool, seed: int = 0) -> QcloopConfig:
             "assessment": {
                 "decision_structure": "RV",
                 "hd_units": "mm",
-                "thresholds": {"name": "iqr", "params": {"k": 1.5, "population": "reference"}},
+                "thresholds": {"name": "iqr", "params": {"k": 1.5}},
+                "population": "reference",
             },
             "refinement": {
                 "refiner": {
                     "name": "alpha",
-                    "params": {"max_slices_per_epoch": 64 if quick else 96},
+                    "params": {"k_semi": 2, "max_slices_per_epoch": 64 if quick else 96},
                 },
-                "k_semi": 2,
             },
         }
     )

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from qcloop.monitor.core.plugin_manager import ComponentRegistry, QcloopPluginManager
@@ -23,6 +30,7 @@ __all__ = [
     "AugmentationConfig",
     "ComponentConfig",
     "ConfigError",
+    "PluginsConfig",
     "PreprocessingConfig",
     "QCConfig",
     "QcloopConfig",
@@ -164,8 +172,16 @@ class AssessmentConfig(_Section):
         default="mm", description="Units of the Hausdorff distances."
     )
     thresholds: ComponentConfig = Field(
-        default=ComponentConfig(name="iqr", params={"k": 1.5, "population": "reference"}),
+        default=ComponentConfig(name="iqr", params={"k": 1.5}),
         description="Registered threshold strategy.",
+    )
+    population: Literal["reference", "transductive"] = Field(
+        default="reference",
+        description=(
+            "Where fences come from: reference (fitted on the validation cases at training or "
+            "calibration time, so each case is judged as it arrives) or transductive (fitted on "
+            "the batch being assessed, once it is wholly scored, as in the paper)."
+        ),
     )
     pose_normalisation: bool = Field(
         default=False,
@@ -175,16 +191,49 @@ class AssessmentConfig(_Section):
         ),
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_population(cls, data: Any) -> Any:
+        """Configurations before qcloop 0.2 chose the population in the threshold strategy's
+        parameters (``{name: iqr, params: {population: ...}}``): read it from there when the
+        section does not set it (the parameter stays, as the label the fences record)."""
+        if isinstance(data, dict) and "population" not in data:
+            params = (data.get("thresholds") or {}).get("params") or {}
+            if isinstance(params, dict) and params.get("population") in _POPULATIONS:
+                data = {**data, "population": params["population"]}
+        return data
+
+
+_POPULATIONS = ("reference", "transductive")
+#: ``refinement.k_semi`` of configurations before qcloop 0.2 (the alpha refiner's default).
+_LEGACY_K_SEMI_DEFAULT = 5
+
 
 class RefinementConfig(_Section):
     """Refinement of the candidates on cases flagged as out of distribution."""
 
     refiner: ComponentConfig = Field(
-        default=ComponentConfig(name="alpha"), description="Registered refiner."
+        default=ComponentConfig(name="alpha"),
+        description="Registered refiner; its options (the alpha refiner's k_semi, ...) are "
+        "its params.",
     )
-    k_semi: int = Field(
-        default=5, ge=1, description="Semi-supervised refinement rounds (k in the paper)."
-    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_k_semi(cls, data: Any) -> Any:
+        """Configurations before qcloop 0.2 had ``refinement.k_semi`` (the paper's K_semi, read
+        by the alpha refiner only): a value other than the old default moves into the refiner's
+        parameters; the default is dropped (the alpha refiner's own default is the same)."""
+        if not isinstance(data, dict) or "k_semi" not in data:
+            return data
+        data = dict(data)
+        k_semi = data.pop("k_semi")
+        if k_semi != _LEGACY_K_SEMI_DEFAULT:
+            refiner = dict(data.get("refiner") or {"name": "alpha"})
+            params = dict(refiner.get("params") or {})
+            params.setdefault("k_semi", k_semi)
+            data["refiner"] = {**refiner, "params": params}
+        return data
 
 
 class TrackingConfig(_Section):
@@ -196,8 +245,17 @@ class TrackingConfig(_Section):
 
 
 class RegistryConfig(_Section):
-    """Registered model versions (MLflow registry) and the promotion gate."""
+    """Registered model versions (a model-registry plugin, MLflow by default) and the
+    promotion gate."""
 
+    backend: ComponentConfig = Field(
+        default=ComponentConfig(name="mlflow"), description="Registered model-registry backend."
+    )
+    uri: str | None = Field(
+        default=None,
+        description="Where the registry lives (MLflow: a tracking URI); null: the backend's "
+        "default (MLflow: sqlite:///mlflow.db in the working folder). --tracking-uri overrides.",
+    )
     name_prefix: str = Field(
         default="qcloop",
         pattern=r"^[A-Za-z0-9_.-]+$",
@@ -255,8 +313,11 @@ class MonitoringConfig(_Section):
 class ServingConfig(_Section):
     """Limits and runtime of `qcloop serve`."""
 
-    runtime: Literal["torch", "onnxruntime"] = Field(
-        default="onnxruntime", description="Inference backend (ONNX Runtime: CUDA when it loads)."
+    runtime: str = Field(
+        default="onnxruntime",
+        min_length=1,
+        description="Registered inference runtime: torch, or onnxruntime (CUDA when it loads; "
+        "needs the onnx extra).",
     )
     max_upload_mb: float = Field(default=64.0, gt=0, description="Largest accepted upload (MB).")
     max_inplane: int = Field(
@@ -273,6 +334,16 @@ class ServingConfig(_Section):
     )
     reload_poll_s: float = Field(
         default=30.0, gt=0, description="How often a --model NAME@ALIAS server checks the alias."
+    )
+
+
+class PluginsConfig(_Section):
+    """Which plugins this configuration runs without."""
+
+    block: list[str] = Field(
+        default=[],
+        description="Plugin names never to use, built-ins included (as `qcloop plugins --all` "
+        "lists them), e.g. to replace a built-in exporter by a third-party one.",
     )
 
 
@@ -295,6 +366,7 @@ class QcloopConfig(_Section):
     registry: RegistryConfig = Field(default=RegistryConfig())
     monitoring: MonitoringConfig = Field(default=MonitoringConfig())
     serving: ServingConfig = Field(default=ServingConfig())
+    plugins: PluginsConfig = Field(default=PluginsConfig())
 
     @field_validator("views")
     @classmethod
@@ -488,6 +560,8 @@ def _component_slots(cfg: QcloopConfig) -> list[tuple[str, str, ComponentConfig]
         ("qc.module", "qc_modules", cfg.qc.module),
         ("assessment.thresholds", "threshold_strategies", cfg.assessment.thresholds),
         ("refinement.refiner", "refiners", cfg.refinement.refiner),
+        ("registry.backend", "model_registries", cfg.registry.backend),
+        ("serving.runtime", "runtimes", ComponentConfig(name=cfg.serving.runtime)),
     ]
     if cfg.tracking.tracker is not None:
         slots.append(("tracking.tracker", "trackers", cfg.tracking.tracker))

@@ -6,7 +6,7 @@ Two kinds of hooks:
   per component it provides. The core resolves components by name from the configuration once,
   then calls them as plain objects, so per-case work never goes through pluggy.
 * **Event hooks** (broadcast, no return value): automation, trackers and exporters subscribe to
-  what happens in the loop.
+  what happens in the loop. Each receives one typed event from :mod:`qcloop.monitor.core.events`.
 
 Every hook here is documented with its exact signature in ``docs/plugin-hooks.md``;
 ``tests/test_docs.py`` fails when the two disagree.
@@ -21,6 +21,19 @@ import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
     import click
+
+    from qcloop.monitor.core.events import (
+        AdmissionChanged,
+        CaseFailed,
+        CaseScored,
+        DriftAlert,
+        ModelRefined,
+        ModelsLoaded,
+        ModelVersionPromoted,
+        ModelVersionRegistered,
+        ServiceInfo,
+        WindowChanged,
+    )
 
 hookspec = pluggy.HookspecMarker("qcloop")
 
@@ -54,7 +67,8 @@ def register_threshold_strategies(register: Register) -> None:
     """Register threshold-strategy factories: ``register("iqr", factory)``.
 
     :param register: call ``register(name, factory)``; ``factory(**params)`` returns a stateless
-        strategy whose ``fit(pdc, phd, penalised)`` returns fences with ``is_outlier(pdc, phd)``.
+        strategy whose ``fit(pdc, phd, penalised)`` returns fences with ``is_outlier(pdc, phd)``
+        and ``to_dict()``, and whose ``fences_from_dict(data)`` reads those fences back.
     """
 
 
@@ -62,9 +76,27 @@ def register_threshold_strategies(register: Register) -> None:
 def register_refiners(register: Register) -> None:
     """Register refiner factories: ``register("alpha", factory)``.
 
-    :param register: call ``register(name, factory)``; ``factory(**params)`` returns an object
-        whose ``refine(model, qc, flagged, labeled, still_ood)`` fine-tunes one candidate in
-        place and returns its history.
+    :param register: call ``register(name, factory)``; ``factory(seed=..., **params)`` returns
+        an object whose ``refine(model, qc, flagged, labeled, still_ood)`` fine-tunes one
+        candidate in place and returns its history.
+    """
+
+
+@hookspec
+def register_runtimes(register: Register) -> None:
+    """Register inference runtimes: ``register("onnxruntime", factory)``.
+
+    :param register: call ``register(name, factory)``; ``factory(run_dir, view, cfg, **params)``
+        returns a ``Runtime`` running that view's candidates and QC module.
+    """
+
+
+@hookspec
+def register_model_registries(register: Register) -> None:
+    """Register model-registry backends: ``register("mlflow", factory)``.
+
+    :param register: call ``register(name, factory)``; ``factory(uri=None, cache_dir=None,
+        **params)`` returns a ``ModelRegistry`` (versions, aliases, local copies).
     """
 
 
@@ -73,7 +105,7 @@ def register_trackers(register: Register) -> None:
     """Register experiment-tracker factories: ``register("mlflow", factory)``.
 
     :param register: call ``register(name, factory)``; ``factory(**params)`` returns a tracker
-        (runs, params, metrics, artifacts, model versions).
+        (runs, params, metrics, artifacts).
     """
 
 
@@ -89,50 +121,90 @@ def register_commands(cli: click.Group) -> None:
 
 
 @hookspec
-def on_case_scored(record: dict[str, Any]) -> None:
-    """A case was scored by the QC module (one JSON-serialisable QC record).
+def on_service_started(service: ServiceInfo) -> None:
+    """A service (``qcloop monitor`` or ``qcloop serve``) is starting.
 
-    :param record: the per-case record as written to the JSONL stream (subject, view, phase,
-        per-candidate pseudo-metrics per structure, fences, OoD flag, selected candidate).
+    :param service: its kind, configuration, ASGI app (still open to new routes and
+        middleware) and id; record opened endpoints in ``service.endpoints``.
     """
 
 
 @hookspec
-def on_drift_alert(alert: dict[str, Any]) -> None:
+def on_service_stopped(service: ServiceInfo) -> None:
+    """A service stopped: release what ``on_service_started`` opened for it.
+
+    :param service: the same object ``on_service_started`` received.
+    """
+
+
+@hookspec
+def on_case_scored(event: CaseScored) -> None:
+    """A case was scored by the QC module.
+
+    :param event: the case's JSON record and the emitting service.
+    """
+
+
+@hookspec
+def on_case_failed(event: CaseFailed) -> None:
+    """A case could not be scored (unreadable, invalid, or a failure while scoring it).
+
+    :param event: the stage, the reason, the input's name and the emitting service.
+    """
+
+
+@hookspec
+def on_window_changed(event: WindowChanged) -> None:
+    """A view's rolling window changed (a case entered it, or it was reset or restored).
+
+    :param event: the view, the window's statistics and the reference median pDC.
+    """
+
+
+@hookspec
+def on_drift_alert(event: DriftAlert) -> None:
     """A drift alert was raised (by the monitor's own policy or received from Alertmanager).
 
-    :param alert: what fired, the window it covers and the values against their limits.
+    :param event: what fired, the window it covers and the values against their limits.
     """
 
 
 @hookspec
-def on_model_refined(view: str, run_dir: str, summary: dict[str, Any]) -> None:
-    """A refiner produced a new candidate set.
+def on_model_refined(event: ModelRefined) -> None:
+    """A refiner produced a new model set.
 
-    :param view: ``"SA"`` or ``"LA"``.
-    :param run_dir: folder holding the refined model set.
-    :param summary: epochs run, OoD counts before and after, losses.
+    :param event: the view, the refined run folder and the refinement's summary.
     """
 
 
 @hookspec
-def on_model_version_registered(name: str, version: str, tags: dict[str, str]) -> None:
-    """A model version was registered (for example in the MLflow registry).
+def on_model_version_registered(event: ModelVersionRegistered) -> None:
+    """A model version was registered in the model registry.
 
-    :param name: registered model name.
-    :param version: the new version.
-    :param tags: lineage tags (parent version, triggering window, OoD counts).
+    :param event: registered model name, version and lineage tags.
     """
 
 
 @hookspec
-def on_model_version_promoted(
-    name: str, version: str, alias: str, previous_version: str | None
-) -> None:
+def on_model_version_promoted(event: ModelVersionPromoted) -> None:
     """An alias (``champion``/``challenger``) was moved to a model version.
 
-    :param name: registered model name.
-    :param version: the version the alias now points at.
-    :param alias: the alias that moved.
-    :param previous_version: the version it pointed at before, if any.
+    :param event: model name, the version the alias now points at, the alias and the version
+        it pointed at before.
+    """
+
+
+@hookspec
+def on_models_loaded(event: ModelsLoaded) -> None:
+    """A service loaded its models (at start, or swapped them when the champion moved).
+
+    :param event: per view the model name, version and runtime; the outcome.
+    """
+
+
+@hookspec
+def on_admission_changed(event: AdmissionChanged) -> None:
+    """A service's work queue changed (a request admitted, started, finished or refused).
+
+    :param event: requests running and waiting, and whether one was refused.
     """

@@ -1,4 +1,5 @@
-"""Interfaces of the component kinds that plugins provide (small ``typing.Protocol`` classes).
+"""Interfaces of the component kinds that plugins provide (small ``typing.Protocol`` classes),
+and the plain types that cross the plugin boundary with them.
 
 The core resolves a component by name from the configuration once (through the plugin
 registry), then calls it as a plain object: nothing below is dispatched through pluggy.
@@ -6,11 +7,15 @@ registry), then calls it as a plain object: nothing below is dispatched through 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from qcloop.monitor.core.slices import FlaggedSet, SliceSet
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -74,14 +79,20 @@ class QCModule(Protocol):
 
 
 class Fences(Protocol):
-    """Fitted outlier fences: a case fails when ``pdc < pdc_low`` or ``phd > phd_high``."""
+    """Fitted outlier fences: a case fails when :meth:`is_outlier` says so.
+
+    ``phd_high`` is also the upper pHD fence that QC-based selection ranks candidates against
+    (a candidate qualifies when its pHD is below it), so every strategy provides one.
+    """
 
     pdc_low: float
     phd_high: float
 
     def is_outlier(self, pdc: float, phd: float) -> bool: ...
 
-    def to_dict(self) -> dict[str, Any]: ...
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form; :meth:`ThresholdStrategy.fences_from_dict` reads it back."""
+        ...
 
 
 class ThresholdStrategy(Protocol):
@@ -92,7 +103,15 @@ class ThresholdStrategy(Protocol):
         pdc: Sequence[float],
         phd: Sequence[float],
         penalised: Sequence[bool] | None = None,
-    ) -> Fences: ...
+    ) -> Fences:
+        """Fences from one best pDC and pHD (mm) per case; ``penalised`` marks the cases whose
+        scores are the empty-mask penalty. Raises ``ValueError`` when no fence can be fitted."""
+        ...
+
+    def fences_from_dict(self, data: Mapping[str, Any]) -> Fences:
+        """The inverse of ``Fences.to_dict``: fences this strategy wrote, read back (a run
+        folder's ``fences.json``). Raises ``ValueError`` on a dict it did not write."""
+        ...
 
 
 class CaseReconstructor(Protocol):
@@ -102,26 +121,158 @@ class CaseReconstructor(Protocol):
     def reconstruct(self, probabilities: np.ndarray) -> np.ndarray: ...
 
 
+#: ``still_ood(model)``: how many flagged cases one candidate still leaves outside its fences.
+StillOod = Callable[["torch.nn.Module"], int]
+#: ``log_metrics(metrics, step)``: figures of one refinement epoch, for the tracker.
+MetricsLogger = Callable[[dict[str, float], int], None]
+
+
 class Refiner(Protocol):
-    """Fine-tunes one candidate segmenter in place on the flagged (OoD) cases."""
+    """Fine-tunes one candidate segmenter in place on the flagged (OoD) cases.
+
+    The core builds one refiner per candidate with ``factory(seed=run seed + candidate index,
+    **params)`` (``params`` from ``refinement.refiner``; a ``seed`` there wins), calls
+    :meth:`refine` on a copy of the candidate, and saves the refined copies as a new run.
+    """
 
     def refine(
         self,
-        model: Any,
+        model: torch.nn.Module,
         qc: CaseReconstructor,
-        flagged: Any,
-        labeled: Any,
-        still_ood: Callable[[Any], int],
+        flagged: FlaggedSet,
+        labeled: SliceSet,
+        still_ood: StillOod,
         *,
-        log_metrics: Callable[[dict[str, float], int], None] | None = None,
+        log_metrics: MetricsLogger | None = None,
     ) -> dict[str, Any]:
         """Return the history (epochs, losses, OoD counts); ``still_ood(model)`` counts the
         flagged cases this candidate still leaves outside its fences."""
         ...
 
 
+@runtime_checkable
+class Runtime(Protocol):
+    """Runs one view's networks: every candidate segmenter and the QC module.
+
+    Arrays are float32, channels first: images ``(Z, S, S)`` (preprocessed slices), softmax maps
+    ``(Z, C, S, S)``. Implementations batch the slices and build their sessions once. A factory
+    is called as ``factory(run_dir, view, cfg, **params)``; ``params`` come from the caller
+    (``threads``, a folder of exported models, ...).
+    """
+
+    #: the registered name (``"torch"``, ``"onnxruntime"``).
+    name: str
+    #: input size ``S`` and the multiple the network needs (``S % divisor == 0``).
+    input_size: int
+    divisor: int
+    n_candidates: int
+
+    def segment(self, image: np.ndarray) -> list[np.ndarray]:
+        """Softmax maps of every candidate (best by validation Dice first)."""
+        ...
+
+    def reconstruct(self, probabilities: np.ndarray) -> np.ndarray:
+        """The QC module's reconstruction of a softmax map (same shape)."""
+        ...
+
+    def providers(self) -> list[str]:
+        """Execution providers / devices actually in use (read back, not requested)."""
+        ...
+
+
+@dataclass
+class ModelRef:
+    """One registered model version of one view, with a local run folder holding it."""
+
+    name: str
+    view: str
+    version: str
+    run_dir: Path
+    aliases: list[str] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def info(self) -> dict[str, str]:
+        """Identity copied into every record under ``"model"``."""
+        return {"name": self.name, "version": self.version}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        return {**asdict(self), "run_dir": str(self.run_dir)}
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    """What moving an alias did: the version it points at now, and the one before."""
+
+    ref: ModelRef
+    alias: str
+    previous_version: str | None
+
+    @property
+    def moved(self) -> bool:
+        """Whether the alias pointed elsewhere before."""
+        return self.previous_version != self.ref.version
+
+
+@runtime_checkable
+class ModelRegistry(Protocol):
+    """Registered model versions: one registered model per view (``PREFIX-SA``,
+    ``PREFIX-LA``), aliases (``champion``, ``challenger``, ``previous-champion``), lineage tags,
+    and local run folders of any version.
+
+    A spec selects versions: ``PREFIX@ALIAS`` (every view), ``PREFIX-SA@ALIAS`` or
+    ``PREFIX-SA/3``. Methods raise ``ValueError`` (with the spec, model or version named) for
+    what does not exist. The core emits the registered/promoted events around these calls.
+    """
+
+    def register(
+        self,
+        run_dir: Path,
+        *,
+        name_prefix: str,
+        views: Sequence[str] | None = None,
+        tags: Mapping[str, str] | None = None,
+        view_tags: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> dict[str, ModelRef]:
+        """A new version per view of a run folder, complete (files, tags) before it returns;
+        moves no alias."""
+        ...
+
+    def find(self, run_dir: Path, *, name_prefix: str) -> dict[str, ModelRef]:
+        """The versions already holding exactly this run folder's files, per view."""
+        ...
+
+    def resolve(self, spec: str) -> dict[str, ModelRef]:
+        """View -> the version ``spec`` selects, with a verified local run folder."""
+        ...
+
+    def alias_versions(self, spec: str) -> dict[str, str]:
+        """View -> version ``spec`` selects now (cheap: no download; services poll it)."""
+        ...
+
+    def set_alias(self, name: str, version: str, alias: str) -> AliasMove:
+        """Move ``alias`` to ``version``; the version it leaves gets ``previous-<alias>``."""
+        ...
+
+    def rollback(self, name: str) -> AliasMove:
+        """Move ``champion`` back to the version it replaced."""
+        ...
+
+    def set_tags(self, name: str, version: str, tags: Mapping[str, str]) -> None:
+        """Add or overwrite tags of one version (the promotion gate records its verdict)."""
+        ...
+
+    def list_versions(self, name_prefix: str | None = None) -> list[dict[str, Any]]:
+        """Every version: name, version, aliases, status, tags and gate verdict, newest first."""
+        ...
+
+    def get_version(self, name: str, version: str) -> dict[str, Any]:
+        """One version as :meth:`list_versions` describes it."""
+        ...
+
+
 class Tracker(Protocol):
-    """Experiment tracking: runs with params, metrics and artifacts, and model versions."""
+    """Experiment tracking: runs with params, metrics and artifacts."""
 
     def start_run(
         self, name: str, tags: dict[str, str] | None = None

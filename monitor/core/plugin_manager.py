@@ -1,11 +1,15 @@
 """The plugin manager and the component registries it builds.
 
 Built-in plugins are the modules in :data:`DEFAULT_PLUGINS`; third-party plugins arrive through
-the entry-point group ``qcloop``. Two environment variables control the third-party ones:
+the entry-point group ``qcloop``. Both are loaded by name, the same way, and either can be
+blocked. Environment variables:
 
 * ``QCLOOP_LOAD_PLUGINS``: comma-separated allow-list of plugin (entry-point) or distribution
   names; set but empty means none.
 * ``QCLOOP_DISABLE_PLUGIN_AUTOLOAD``: any non-empty value loads no entry-point plugin at all.
+* ``QCLOOP_BLOCK_PLUGINS``: comma-separated plugin names never to load, built-ins included
+  (``qcloop plugins --all`` shows the names); the configuration's ``plugins.block`` list does
+  the same for one configuration (:func:`apply_plugin_settings`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ from qcloop.monitor.core import hookspecs
 if TYPE_CHECKING:  # pragma: no cover
     import click
 
+    from qcloop.monitor.core.events import Event, ServiceInfo
+
 __all__ = [
+    "BLOCK_PLUGINS_ENV",
     "COMPONENT_KINDS",
     "DEFAULT_PLUGINS",
     "DISABLE_AUTOLOAD_ENV",
@@ -39,6 +46,7 @@ __all__ = [
     "QcloopPluginManager",
     "RegisteredComponent",
     "UnknownComponentError",
+    "apply_plugin_settings",
     "get_plugin_manager",
     "make_plugin_manager",
     "reset_plugin_manager",
@@ -50,6 +58,7 @@ logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "qcloop"
 LOAD_PLUGINS_ENV = "QCLOOP_LOAD_PLUGINS"
 DISABLE_AUTOLOAD_ENV = "QCLOOP_DISABLE_PLUGIN_AUTOLOAD"
+BLOCK_PLUGINS_ENV = "QCLOOP_BLOCK_PLUGINS"
 
 #: Built-in plugins, registered under their module path; a module not (yet) present is skipped.
 DEFAULT_PLUGINS: tuple[str, ...] = (
@@ -57,8 +66,10 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "qcloop.qc_modules.plugin",
     "qcloop.plugins.thresholds",
     "qcloop.plugins.refiners",
-    "qcloop.plugins.mlflow.tracker",
+    "qcloop.monitor.ops.torch_runtime",
+    "qcloop.plugins.mlflow.plugin",
     "qcloop.plugins.prometheus.exporter",
+    "qcloop.deploy.plugin",
 )
 
 #: Component kind -> (registering hook, singular noun used in messages).
@@ -67,6 +78,8 @@ COMPONENT_KINDS: dict[str, tuple[str, str]] = {
     "qc_modules": ("register_qc_modules", "QC module"),
     "threshold_strategies": ("register_threshold_strategies", "threshold strategy"),
     "refiners": ("register_refiners", "refiner"),
+    "runtimes": ("register_runtimes", "runtime"),
+    "model_registries": ("register_model_registries", "model registry"),
     "trackers": ("register_trackers", "tracker"),
 }
 
@@ -75,8 +88,9 @@ class DuplicateComponentError(ValueError):
     """Two registrations of one component name within one kind."""
 
 
-class UnknownComponentError(KeyError):
-    """A component name that no plugin registered."""
+class UnknownComponentError(KeyError, ValueError):
+    """A component name that no plugin registered (a ``KeyError`` for lookups, a
+    ``ValueError`` for callers that validate names)."""
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
@@ -143,6 +157,11 @@ def _normalise_dist_name(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def _env_names(variable: str) -> list[str]:
+    """The comma-separated names in environment variable ``variable`` (none when unset)."""
+    return [part.strip() for part in os.environ.get(variable, "").split(",") if part.strip()]
+
+
 def _env_allow_list() -> set[str] | None:
     """Names allowed by ``QCLOOP_LOAD_PLUGINS``; None when the variable is unset."""
     raw = os.environ.get(LOAD_PLUGINS_ENV)
@@ -157,6 +176,8 @@ class QcloopPluginManager(pluggy.PluginManager):
     def __init__(self) -> None:
         super().__init__(ENTRY_POINT_GROUP)
         self.add_hookspecs(hookspecs)
+        for name in _env_names(BLOCK_PLUGINS_ENV):
+            self.set_blocked(name)
         #: plugin name -> (distribution name, version) for entry-point plugins.
         self.distributions: dict[str, tuple[str, str]] = {}
 
@@ -303,31 +324,42 @@ class QcloopPluginManager(pluggy.PluginManager):
         """Let every plugin add subcommands to ``cli``."""
         self.hook.register_commands(cli=cli)
 
-    def notify_case_scored(self, record: dict[str, Any]) -> None:
-        """Broadcast ``on_case_scored``."""
-        self.hook.on_case_scored(record=record)
+    def runtimes(self) -> ComponentRegistry:
+        """Registered inference runtimes."""
+        return self.registry("runtimes")
 
-    def notify_drift_alert(self, alert: dict[str, Any]) -> None:
-        """Broadcast ``on_drift_alert``."""
-        self.hook.on_drift_alert(alert=alert)
+    def model_registries(self) -> ComponentRegistry:
+        """Registered model-registry backends."""
+        return self.registry("model_registries")
 
-    def notify_model_refined(self, view: str, run_dir: str, summary: dict[str, Any]) -> None:
-        """Broadcast ``on_model_refined``."""
-        self.hook.on_model_refined(view=view, run_dir=run_dir, summary=summary)
+    def emit(self, event: Event) -> int:
+        """Broadcast ``event`` to its hook, ``on_<event.kind>``; returns how many subscribers
+        raised (see :meth:`call_each`)."""
+        return self.call_each(f"on_{event.kind}", event=event)
 
-    def notify_model_version_registered(
-        self, name: str, version: str, tags: dict[str, str]
-    ) -> None:
-        """Broadcast ``on_model_version_registered``."""
-        self.hook.on_model_version_registered(name=name, version=version, tags=tags)
+    def service_started(self, service: ServiceInfo) -> None:
+        """Broadcast ``on_service_started``."""
+        self.call_each("on_service_started", service=service)
 
-    def notify_model_version_promoted(
-        self, name: str, version: str, alias: str, previous_version: str | None
-    ) -> None:
-        """Broadcast ``on_model_version_promoted``."""
-        self.hook.on_model_version_promoted(
-            name=name, version=version, alias=alias, previous_version=previous_version
-        )
+    def service_stopped(self, service: ServiceInfo) -> None:
+        """Broadcast ``on_service_stopped``."""
+        self.call_each("on_service_stopped", service=service)
+
+    def call_each(self, hook_name: str, **kwargs: Any) -> int:
+        """Call every implementation of event hook ``hook_name`` with ``kwargs``.
+
+        Each subscriber is called on its own: one that raises is logged with its plugin's name
+        and the others still run, so a subscriber can never break the work it reports on.
+        Returns how many subscribers raised.
+        """
+        failures = 0
+        for impl in reversed(getattr(self.hook, hook_name).get_hookimpls()):
+            try:
+                impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+            except Exception:
+                failures += 1
+                logger.exception("plugin %r failed in %s", impl.plugin_name, hook_name)
+        return failures
 
 
 def make_plugin_manager(
@@ -352,6 +384,17 @@ def make_plugin_manager(
 def get_plugin_manager() -> QcloopPluginManager:
     """The process-wide plugin manager used by the command line (built once, on first use)."""
     return make_plugin_manager()
+
+
+def apply_plugin_settings(cfg: Any, pm: QcloopPluginManager | None = None) -> QcloopPluginManager:
+    """Block the plugins a configuration's ``plugins.block`` names (in ``pm``, by default the
+    process-wide manager); returns the manager. Blocking is for the life of the manager."""
+    pm = pm if pm is not None else get_plugin_manager()
+    for name in getattr(getattr(cfg, "plugins", None), "block", None) or ():
+        if not pm.is_blocked(name):
+            logger.info("plugin %s blocked by the configuration", name)
+            pm.set_blocked(name)
+    return pm
 
 
 def reset_plugin_manager() -> None:

@@ -14,6 +14,7 @@ import numpy as np
 
 from qcloop.monitor.core import atomic
 from qcloop.monitor.core.config import QcloopConfig
+from qcloop.monitor.core.events import CaseScored
 from qcloop.monitor.core.interfaces import Tracker
 from qcloop.monitor.core.progress import progress
 from qcloop.monitor.core.resolve import build_threshold_strategy
@@ -37,11 +38,6 @@ from qcloop.monitor.method.run_folder import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def population(cfg: QcloopConfig) -> str:
-    """``reference`` or ``transductive``."""
-    return str(cfg.assessment.thresholds.params.get("population", "reference"))
 
 
 def make_assessor(model_set: ModelSet, cfg: QcloopConfig) -> Assessor:
@@ -80,7 +76,7 @@ def assess_prepared(
     recomputed for the callback (nothing large is held for the whole population).
     """
     assessor = make_assessor(model_set, cfg)
-    transductive = population(cfg) == "transductive"
+    transductive = cfg.assessment.population == "transductive"
     scored_all: list[ScoredCase] = []
     for item in progress(cases, desc=f"assessing {model_set.view}"):
         scored, probs = assessor.score(item.key, item.prepared.image, item.net_spacing)
@@ -209,13 +205,13 @@ def assess_run(
                 save_label_map(path, labels, a.item.case)
                 rec["mask"] = str(path)
             records.append(rec)
-            pm.notify_case_scored(rec)  # one broadcast per case, after the work is done
+            pm.emit(CaseScored(rec))  # one broadcast per case, after the work is done
 
         scored = assess_prepared(model_set, cases, view_cfg, emit)
         per_view[view] = {
             "cases": len(scored),
             "ood": sum(bool(s.ood) for s in scored),
-            "population": population(view_cfg),
+            "population": view_cfg.assessment.population,
         }
     atomic.write_text(
         out / "records.jsonl", "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)

@@ -18,7 +18,9 @@ from qcloop.monitor import __version__
 from qcloop.monitor.core import atomic
 from qcloop.monitor.core.config import QcloopConfig
 from qcloop.monitor.core.interfaces import Tracker
+from qcloop.monitor.core.resolve import build_refiner
 from qcloop.monitor.core.serialise import jsonable, utc_now
+from qcloop.monitor.core.slices import FlaggedSet, SliceSet
 from qcloop.monitor.core.tracking import log_file, make_tracker
 from qcloop.monitor.method.assess import Assessed, assess_prepared, flag_collector, make_assessor
 from qcloop.monitor.method.assessment import Assessor
@@ -34,9 +36,6 @@ from qcloop.monitor.method.run_folder import (
     read_run_info,
     run_views,
     save_candidates,
-)
-from qcloop.monitor.method.segmenter_training import (
-    SliceSet,
 )
 
 log = logging.getLogger(__name__)
@@ -102,7 +101,6 @@ def refine_run(
                 "parent": info["parent"],
                 "refiner": cfg.refinement.refiner.name,
                 "refiner_params": dict(cfg.refinement.refiner.params),
-                "k_semi": cfg.refinement.k_semi,
                 "where": json.dumps(where or {}, sort_keys=True),
             }
         )
@@ -165,8 +163,6 @@ def refine_view(
     ``assessed`` = (number of cases, flagged cases as kept by :func:`flag_collector`) reuses an
     assessment already made with this run instead of assessing ``data_dir`` again.
     """
-    from qcloop.monitor.core.plugin_manager import get_plugin_manager
-    from qcloop.plugins.refiners import FlaggedSet
 
     rc = cfg.refinement.refiner
     model_set = load_model_set(run, view, cfg)
@@ -195,10 +191,7 @@ def refine_view(
 
     refined, histories = [], []
     for i, candidate in enumerate(model_set.candidates):
-        params = {"seed": cfg.seed + i, **rc.params}
-        if rc.name == "alpha":
-            params.setdefault("k_semi", cfg.refinement.k_semi)
-        refiner = get_plugin_manager().refiners().create(rc.name, params)
+        refiner = build_refiner(cfg, seed=cfg.seed + i)
         model = copy.deepcopy(candidate)
         histories.append(refiner.refine(model, case_qc, flagged, slices, still_ood))
         refined.append(model)

@@ -8,7 +8,8 @@ Run folder layout::
     RUN/<VIEW>/candidates.json   kept checkpoints, best first (path, epoch, validation Dice)
     RUN/<VIEW>/candidates/*.pt   segmenter weights (tensors and plain values only)
     RUN/<VIEW>/qc.pt             QC module state
-    RUN/<VIEW>/fences.json       reference fences per phase (population "reference")
+    RUN/<VIEW>/fences.json       reference fences per phase, their strategy and the reference
+                                 median pDC (monitor/method/fences_file.py)
     RUN/<VIEW>/pose.json         reference pose of the training masks (monitor/pose.py)
     RUN/<VIEW>/training/last.pt  resumable training state
 
@@ -28,6 +29,12 @@ import torch
 from qcloop.monitor.core import atomic
 from qcloop.monitor.core.config import QcloopConfig, load_config
 from qcloop.monitor.core.resolve import build_qc_module, build_segmenter
+from qcloop.monitor.method.fences_file import (
+    FENCES_FILE,
+    FencesFileError,
+    ReferenceFences,
+    load_reference_fences,
+)
 from qcloop.monitor.method.pose import PoseReference, load_pose
 
 log = logging.getLogger(__name__)
@@ -115,12 +122,22 @@ def load_model_set(run: str | Path, view: str, config: QcloopConfig | None = Non
 
 def load_fences(run: str | Path, view: str) -> dict[str, Any]:
     """Reference fences of ``view`` per phase (``"all"`` pooled); empty when not calibrated."""
-    fences_path = Path(run) / view / "fences.json"
-    if not fences_path.exists():
-        return {}
-    from qcloop.plugins.thresholds import Fences
+    fences = load_view_fences(run, view)
+    return fences.phases if fences is not None else {}
 
-    return {phase: Fences.from_dict(d) for phase, d in json.loads(fences_path.read_text()).items()}
+
+def load_view_fences(run: str | Path, view: str) -> ReferenceFences | None:
+    """``RUN/<view>/fences.json`` read back through the strategy that wrote it (``None`` when
+    the view is not calibrated); ``RunError`` when it cannot be read."""
+    from qcloop.monitor.core.plugin_manager import get_plugin_manager
+
+    path = Path(run) / view / FENCES_FILE
+    if not path.exists():
+        return None
+    try:
+        return load_reference_fences(path, get_plugin_manager().threshold_strategies())
+    except FencesFileError as exc:
+        raise RunError(str(exc)) from None
 
 
 def configured_pose(

@@ -19,38 +19,13 @@ import numpy as np
 import torch
 
 from qcloop.monitor.core import atomic
+from qcloop.monitor.core.slices import SliceSet
 from qcloop.monitor.method.augment import augment_batch
 from qcloop.monitor.method.losses import SupervisedLoss
 
 log = logging.getLogger(__name__)
 
 MetricsLogger = Callable[[dict[str, float], int], None]
-
-
-@dataclass
-class SliceSet:
-    """2D training slices in network layout: images ``(N, 1, S, S)``, labels ``(N, S, S)``."""
-
-    images: np.ndarray
-    labels: np.ndarray
-
-    def __post_init__(self) -> None:
-        if self.images.ndim != 4 or self.labels.ndim != 3 or len(self.images) != len(self.labels):
-            raise ValueError(
-                f"SliceSet needs images (N,1,S,S) and labels (N,S,S); got {self.images.shape} "
-                f"and {self.labels.shape}"
-            )
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    @classmethod
-    def from_stacks(cls, images: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> SliceSet:
-        """Concatenate per-case stacks ``(Z, S, S)`` into one slice set."""
-        return cls(
-            images=np.concatenate([i[:, None] for i in images]).astype(np.float32, copy=False),
-            labels=np.concatenate(list(labels)).astype(np.uint8, copy=False),
-        )
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
-    from qcloop.plugins.thresholds import Fences
+    from qcloop.monitor.core.interfaces import Fences
 
 __all__ = ["Selection", "apply_selection", "best_values", "is_ood", "select_candidate"]
 

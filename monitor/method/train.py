@@ -18,6 +18,7 @@ from qcloop.monitor.core.config import QcloopConfig, dump_config
 from qcloop.monitor.core.interfaces import Tracker
 from qcloop.monitor.core.resolve import build_qc_module, build_segmenter, build_threshold_strategy
 from qcloop.monitor.core.serialise import jsonable, utc_now
+from qcloop.monitor.core.slices import SliceSet
 from qcloop.monitor.core.tracking import NullTracker, log_file, make_tracker
 from qcloop.monitor.data import CaseError, CaseSource, discover
 from qcloop.monitor.method.assess import make_assessor
@@ -28,6 +29,11 @@ from qcloop.monitor.method.cases import (
     make_preprocessor,
     split_labelled,
 )
+from qcloop.monitor.method.fences_file import (
+    ReferenceFences,
+    reference_summary,
+    save_reference_fences,
+)
 from qcloop.monitor.method.pose import POSE_FILE, PoseReference
 from qcloop.monitor.method.run_folder import (
     ModelSet,
@@ -36,7 +42,6 @@ from qcloop.monitor.method.run_folder import (
     qc_params,
 )
 from qcloop.monitor.method.segmenter_training import (
-    SliceSet,
     TrainSettings,
     ValCase,
     train_segmenter,
@@ -189,7 +194,7 @@ def _train_view(
 
     model_set = load_model_set(run, view, cfg)
     fences = calibrate_reference_fences(model_set, val_cases, cfg, tracker=tracker)
-    atomic.write_json(view_dir / "fences.json", {k: f.to_dict() for k, f in fences.items()})
+    save_reference_fences(view_dir, fences)
     if result.checkpoints:
         tracker.log_metrics({"best_val_dice": float(result.checkpoints[0].val_dice)})
     for name in ("candidates.json", "fences.json"):
@@ -211,8 +216,9 @@ def calibrate_reference_fences(
     cfg: QcloopConfig,
     *,
     tracker: Tracker | None = None,
-) -> dict[str, Any]:
-    """Fences per phase (and pooled as ``"all"``) from the validation cases' QC scores.
+) -> ReferenceFences:
+    """Fences per phase (and pooled as ``"all"``) from the validation cases' QC scores, with
+    the strategy that fitted them and the cases' median decision pDC (the monitor's reference).
 
     With a tracker, a nested run records the strategy and each phase's fences as metrics
     (``fence.<phase>.pdc_low``, ``fence.<phase>.phd_high``) and ``fences.json``.
@@ -238,9 +244,8 @@ def calibrate_reference_fences(
             metrics[f"fence.{phase}.pdc_low"] = float(f.pdc_low)
             metrics[f"fence.{phase}.phd_high"] = float(f.phd_high)
         tracker.log_metrics(metrics)
+        result = ReferenceFences(th, fences, reference_summary([s.best()[0] for s in scored]))
         if not isinstance(tracker, NullTracker):
             with tempfile.TemporaryDirectory(prefix="qcloop-fences-") as tmp:
-                path = Path(tmp) / "fences.json"
-                atomic.write_json(path, {k: f.to_dict() for k, f in fences.items()})
-                tracker.log_artifact(str(path), model_set.view)
-    return fences
+                tracker.log_artifact(str(save_reference_fences(Path(tmp), result)), model_set.view)
+    return result

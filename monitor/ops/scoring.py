@@ -1,8 +1,8 @@
 """Online scoring: one incoming case at a time, judged against the run's reference fences.
 
 This is the per-case path shared by ``qcloop predict``-style services: ``qcloop monitor`` (an
-inbox of incoming cases) and ``qcloop serve`` (an HTTP API). A :class:`Runtime` runs the
-networks (PyTorch here; ONNX Runtime in ``qcloop.deploy.onnx_runtime``); the
+inbox of incoming cases) and ``qcloop serve`` (an HTTP API). A registered ``Runtime`` runs the
+networks (``torch``, built in; ``onnxruntime`` from the deploy plugin); the
 :class:`OnlineScorer` does the rest: preprocessing, pDC/pHD, the OoD flag against the fences
 calibrated at training time, QC-based selection, and the selected mask on the original grid.
 Components are resolved once when the scorer is built; nothing per case goes through pluggy.
@@ -15,11 +15,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
 from qcloop.monitor.core.config import QcloopConfig
+from qcloop.monitor.core.interfaces import Runtime
+from qcloop.monitor.core.resolve import build_runtime
 from qcloop.monitor.data import Case, CaseError
 from qcloop.monitor.data.preprocess import Preprocessor
 from qcloop.monitor.method.assessment import ScoredCase, pseudo_metrics, selected_probabilities
@@ -27,69 +29,6 @@ from qcloop.monitor.method.cases import make_preprocessor, record_key
 from qcloop.monitor.method.pose import PoseReference, reconstruct_posed
 
 log = logging.getLogger(__name__)
-
-
-@runtime_checkable
-class Runtime(Protocol):
-    """Runs one view's networks: every candidate segmenter and the QC module.
-
-    Arrays are float32, channels first: images ``(Z, S, S)`` (preprocessed slices), softmax maps
-    ``(Z, C, S, S)``. Implementations batch the slices and build their sessions once.
-    """
-
-    #: ``"torch"`` or ``"onnxruntime"``.
-    name: str
-    #: input size ``S`` and the multiple the network needs (``S % divisor == 0``).
-    input_size: int
-    divisor: int
-    n_candidates: int
-
-    def segment(self, image: np.ndarray) -> list[np.ndarray]:
-        """Softmax maps of every candidate (best by validation Dice first)."""
-        ...
-
-    def reconstruct(self, probabilities: np.ndarray) -> np.ndarray:
-        """The QC module's reconstruction of a softmax map (same shape)."""
-        ...
-
-    def providers(self) -> list[str]:
-        """Execution providers / devices actually in use (read back, not requested)."""
-        ...
-
-
-class TorchRuntime:
-    """:class:`Runtime` on PyTorch modules of a loaded :class:`~qcloop.monitor.method.run_folder.ModelSet`."""
-
-    name = "torch"
-
-    def __init__(self, model_set: Any, input_size: int, batch_size: int = 16) -> None:
-        self.model_set = model_set
-        self.input_size = int(input_size)
-        self.divisor = int(getattr(model_set.best, "divisor", 1))
-        self.n_candidates = len(model_set.candidates)
-        self.batch_size = int(batch_size)
-        for model in model_set.candidates:
-            model.eval()
-
-    def segment(self, image: np.ndarray) -> list[np.ndarray]:
-        """Softmax maps of every candidate (no gradients)."""
-        import torch
-
-        from qcloop.monitor.method.segmenter_training import predict_probabilities
-
-        with torch.inference_mode():
-            return [
-                predict_probabilities(m, image, self.batch_size) for m in self.model_set.candidates
-            ]
-
-    def reconstruct(self, probabilities: np.ndarray) -> np.ndarray:
-        """The QC module's reconstruction."""
-        return self.model_set.qc.reconstruct(probabilities)
-
-    def providers(self) -> list[str]:
-        """``["torch:cpu"]`` or ``["torch:cuda"]``: the device of the first candidate's weights."""
-        param = next(self.model_set.best.parameters())
-        return [f"torch:{param.device.type}"]
 
 
 @dataclass
@@ -207,22 +146,16 @@ def load_online_scorers(
     views: Sequence[str] | None = None,
     *,
     runtime: str = "torch",
-    onnx_dir: str | Path | None = None,
     model_info: dict[str, Any] | None = None,
-    threads: int | None = None,
+    **runtime_params: Any,
 ) -> dict[str, OnlineScorer]:
-    """One :class:`OnlineScorer` per view of a run folder.
-
-    ``runtime="onnxruntime"`` runs the ONNX models exported by ``qcloop export-onnx`` from
-    ``onnx_dir`` (default ``RUN/onnx``) with ``threads`` intra-op threads per session
-    (ONNX Runtime's default when ``None``); ``"torch"`` runs the PyTorch weights (torch's
-    thread count is process-wide: set it with ``torch.set_num_threads``).
-    """
+    """One :class:`OnlineScorer` per view of a run folder, on the registered runtime
+    ``runtime`` (built with ``runtime_params``: ``threads``, the ONNX runtime's ``onnx_dir``,
+    ...). Fences are read without building any network the runtime does not need."""
     from qcloop.monitor.method.pose import load_pose
     from qcloop.monitor.method.run_folder import (
         configured_pose,
         load_fences,
-        load_model_set,
         load_run_config,
         run_views,
     )
@@ -231,20 +164,10 @@ def load_online_scorers(
     cfg = load_run_config(run)
     info = {"run": str(run.resolve()), **(model_info or {})}
     scorers = {}
-    if runtime not in ("torch", "onnxruntime"):
-        raise ValueError(f"unknown runtime {runtime!r}: expected 'torch' or 'onnxruntime'")
     for view in views or run_views(run):
-        if runtime == "torch":
-            model_set = load_model_set(run, view, cfg)
-            rt: Runtime = TorchRuntime(model_set, cfg.preprocessing.size)
-            fences = model_set.fences
-        else:  # the exported models only: no PyTorch module is built
-            from qcloop.deploy.onnx_runtime import OrtRuntime
-
-            rt = OrtRuntime.from_export(Path(onnx_dir or run / "onnx"), view, threads=threads)
-            fences = load_fences(run, view)
+        rt = build_runtime(runtime, run, view, cfg, **runtime_params)
         pose = configured_pose(cfg, load_pose(run, view), view)
-        scorers[view] = OnlineScorer(view, rt, fences, cfg, info, pose)
+        scorers[view] = OnlineScorer(view, rt, load_fences(run, view), cfg, info, pose)
     if not scorers:
         raise CaseError(run, "the run has no trained view")
     return scorers

@@ -21,8 +21,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from qcloop.monitor import hookimpl
-
 log = logging.getLogger(__name__)
 
 #: MLflow's limits: value length of a param, items per ``log_batch`` call.
@@ -207,9 +205,3 @@ class MlflowTracker:
         run_id = self._active()
         for i in range(0, len(items), BATCH_SIZE):
             self.client.log_batch(run_id, tags=items[i : i + BATCH_SIZE])
-
-
-@hookimpl
-def register_trackers(register: Any) -> None:
-    """Register the ``mlflow`` tracker."""
-    register("mlflow", MlflowTracker)

@@ -1,0 +1,68 @@
+"""The built-in ``torch`` runtime: a run's PyTorch candidates and QC module, in process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qcloop.monitor import hookimpl
+from qcloop.monitor.core.config import QcloopConfig
+from qcloop.monitor.core.hookspecs import Register
+
+
+class TorchRuntime:
+    """:class:`Runtime` on PyTorch modules of a loaded :class:`~qcloop.monitor.method.run_folder.ModelSet`."""
+
+    name = "torch"
+
+    def __init__(self, model_set: Any, input_size: int, batch_size: int = 16) -> None:
+        self.model_set = model_set
+        self.input_size = int(input_size)
+        self.divisor = int(getattr(model_set.best, "divisor", 1))
+        self.n_candidates = len(model_set.candidates)
+        self.batch_size = int(batch_size)
+        for model in model_set.candidates:
+            model.eval()
+
+    def segment(self, image: np.ndarray) -> list[np.ndarray]:
+        """Softmax maps of every candidate (no gradients)."""
+        import torch
+
+        from qcloop.monitor.method.segmenter_training import predict_probabilities
+
+        with torch.inference_mode():
+            return [
+                predict_probabilities(m, image, self.batch_size) for m in self.model_set.candidates
+            ]
+
+    def reconstruct(self, probabilities: np.ndarray) -> np.ndarray:
+        """The QC module's reconstruction."""
+        return self.model_set.qc.reconstruct(probabilities)
+
+    def providers(self) -> list[str]:
+        """``["torch:cpu"]`` or ``["torch:cuda"]``: the device of the first candidate's weights."""
+        param = next(self.model_set.best.parameters())
+        return [f"torch:{param.device.type}"]
+
+
+def torch_runtime(
+    run_dir: Path,
+    view: str,
+    cfg: QcloopConfig,
+    *,
+    batch_size: int = 16,
+    threads: int | None = None,
+) -> TorchRuntime:
+    """The ``torch`` runtime of ``view`` in ``run_dir``. ``threads`` is accepted for a uniform
+    call and ignored: torch's thread count is process-wide (``torch.set_num_threads``)."""
+    from qcloop.monitor.method.run_folder import load_model_set
+
+    return TorchRuntime(load_model_set(run_dir, view, cfg), cfg.preprocessing.size, batch_size)
+
+
+@hookimpl
+def register_runtimes(register: Register) -> None:
+    """Register the built-in ``torch`` runtime."""
+    register("torch", torch_runtime)

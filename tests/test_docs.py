@@ -89,7 +89,7 @@ def signature_problems(page: str) -> list[str]:
 def test_specs_are_found() -> None:
     names = set(specified_hooks())
     assert {"register_segmenters", "register_commands", "on_case_scored"} <= names
-    assert len(names) == 11
+    assert len(names) == 19
 
 
 def test_every_hook_is_documented_with_its_signature() -> None:
@@ -99,9 +99,9 @@ def test_every_hook_is_documented_with_its_signature() -> None:
 def test_signature_check_detects_drift() -> None:
     page = HOOKS_PAGE.read_text(encoding="utf-8")
     renamed = page.replace(
-        "on_model_refined(view: str, run_dir: str,", "on_model_refined(view: str, folder: str,"
+        "on_model_refined(event: ModelRefined)", "on_model_refined(refined: ModelRefined)"
     )
-    retyped = page.replace("on_case_scored(record: dict[str, Any])", "on_case_scored(record: dict)")
+    retyped = page.replace("on_case_scored(event: CaseScored)", "on_case_scored(event: dict)")
     missing = re.sub(r"### `on_drift_alert`\s*\n+```python\n.*?\n```", "", page, flags=re.DOTALL)
     extra = page + "\n### `on_coffee_break`\n\n```python\non_coffee_break() -> None\n```\n"
     for changed, expected in [

@@ -1,36 +1,59 @@
-"""The deploy plugin: the ``onnxruntime`` runtime (models exported by ``qcloop export-onnx``).
-Needs the ``onnx`` extra."""
+"""The deploy plugin: the ``onnxruntime`` runtime (models exported by ``qcloop export-onnx``) and
+the commands ``serve``, ``export-onnx``, ``export-triton``, ``bench inference`` and ``bench
+serve``.
+
+Loaded by name like any plugin (``qcloop.deploy.plugin`` in the built-in list), and blocked like
+any (``QCLOOP_BLOCK_PLUGINS=qcloop.deploy.plugin``: no runtime, no commands). Importing it needs
+none of the optional extras: the runtime and each command check theirs (``onnx``, ``serve``,
+``triton``) when used, and say which to install.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qcloop.monitor import hookimpl
 from qcloop.monitor.core.config import QcloopConfig
 from qcloop.monitor.core.hookspecs import Register
 
+if TYPE_CHECKING:  # pragma: no cover
+    import click
 
-def onnxruntime_runtime(
-    run_dir: Path,
-    view: str,
-    cfg: QcloopConfig,
-    *,
-    onnx_dir: str | Path | None = None,
-    threads: int | None = None,
-    **params: Any,
-) -> Any:
-    """The ``onnxruntime`` runtime of ``view``: the ONNX models in ``onnx_dir`` (default
-    ``RUN/onnx``), ``threads`` intra-op threads per session (ONNX Runtime's default when
-    ``None``); other ``params`` (``providers``, ``batch_size``) go to
-    :meth:`~qcloop.deploy.onnx_runtime.OrtRuntime.from_export`."""
-    from qcloop.deploy.onnx_runtime import OrtRuntime
+#: The ``qcloop`` group the benchmarks join (a core command, beside its ``metrics``).
+BENCH_GROUP = "bench"
 
-    folder = Path(onnx_dir) if onnx_dir is not None else Path(run_dir) / "onnx"
-    return OrtRuntime.from_export(folder, view, threads=threads, **params)
+
+def onnxruntime_runtime(run_dir: Path, view: str, cfg: QcloopConfig, **params: Any) -> Any:
+    """The ``onnxruntime`` runtime of ``view`` (parameters: ``onnx_dir``, ``threads``,
+    ``providers``, ``batch_size``; see :func:`qcloop.deploy.onnx.runtime.runtime_for_run`)."""
+    from qcloop.monitor.core.optional import require
+
+    require("onnxruntime", "onnx", "the onnxruntime runtime")
+    from qcloop.deploy.onnx.runtime import runtime_for_run
+
+    return runtime_for_run(run_dir, view, cfg, **params)
 
 
 @hookimpl
 def register_runtimes(register: Register) -> None:
     """Register the ``onnxruntime`` runtime."""
     register("onnxruntime", onnxruntime_runtime)
+
+
+@hookimpl
+def register_commands(cli: click.Group) -> None:
+    """Add ``serve``, ``export-onnx`` and ``export-triton`` to ``qcloop``, and ``inference``
+    and ``serve`` to its ``bench`` group."""
+    import click
+
+    from qcloop.deploy.commands.bench import inference, serve_benchmark
+    from qcloop.deploy.commands.export import export_onnx, export_triton
+    from qcloop.deploy.commands.serve import serve
+
+    for command in (serve, export_onnx, export_triton):
+        cli.add_command(command)
+    bench = cli.get_command(click.Context(cli), BENCH_GROUP)
+    if isinstance(bench, click.Group):
+        bench.add_command(inference)
+        bench.add_command(serve_benchmark, "serve")

@@ -12,8 +12,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qcloop.monitor.core.config import MonitoringConfig
-from qcloop.plugins.prometheus.exporter import QcMetrics
+from qcloop.monitor.core.config import MonitoringConfig, QcloopConfig
+from qcloop.monitor.core.events import (
+    CaseFailed,
+    CaseScored,
+    DriftAlert,
+    ModelRefined,
+    ModelVersionPromoted,
+    ModelVersionRegistered,
+    ServiceInfo,
+    WindowChanged,
+    WindowStats,
+)
+from qcloop.monitor.core.plugin_manager import make_plugin_manager
+from qcloop.plugins.prometheus.exporter import service_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -99,50 +111,65 @@ def test_rule_limits_and_endpoints_match_the_monitor_defaults() -> None:
     assert route["receiver"] == "qcloop-monitor" and "view" in am["route"]["group_by"]
 
 
-def exported_metric_names() -> set[str]:
-    """Every sample name QcMetrics can export: from its registry's families (with the
-    _total/_bucket/_sum/_count suffixes) and from a real exposition after one event each."""
-    metrics = QcMetrics(window=5)
-    names: set[str] = set()
-    for family in metrics.registry.collect():
-        if family.type == "counter":
-            names |= {f"{family.name}_total", f"{family.name}_created"}
-        elif family.type == "histogram":
-            names |= {f"{family.name}_{s}" for s in ("bucket", "sum", "count", "created")}
-        else:
-            names.add(family.name)
+def _one_event_of_each_kind(service: str) -> list[object]:
+    """One event of every kind that feeds the QC metrics, from ``service``."""
     cand = {
         s: {"pdc": 0.8, "phd_mm": 5.0, "phd95_mm": 4.0, "penalised": False}
         for s in ["LV", "MYO", "RV"]
     }
-    metrics.observe_case(
-        {
-            "view": "SA",
-            "phase": "ED",
-            "decision_structure": "RV",
-            "candidates": [cand],
-            "fences": {"pdc_low": 0.5, "phd_high": 30.0},
-            "ood": True,
-            "model": {"version": "1"},
-            "runtime": {"name": "torch"},
-            "latency_s": 0.1,
-        }
-    )
-    metrics.case_error("read")
-    metrics.set_reference_median("SA", 0.8)
-    metrics.drift_alert({"view": "SA", "source": "qcloop"})
-    metrics.model_refined("SA")
-    metrics.version_registered("qcloop-SA")
-    metrics.promoted("qcloop-SA", "champion")
+    record = {
+        "view": "SA",
+        "phase": "ED",
+        "decision_structure": "RV",
+        "candidates": [cand],
+        "fences": {"pdc_low": 0.5, "phd_high": 30.0},
+        "ood": True,
+        "model": {"version": "1"},
+        "runtime": {"name": "torch"},
+        "latency_s": 0.1,
+    }
+    stats = WindowStats(1, 1.0, 0.8)
+    return [
+        CaseScored(record, service=service),
+        CaseFailed("read", "unreadable", source="a.nii.gz", view="SA", service=service),
+        WindowChanged("SA", stats, 0.8, "case", model_version="1", service=service),
+        DriftAlert("SA", "qcloop", ("x",), stats, 0.8, {"version": "1"}, "t", service=service),
+        ModelRefined("SA", "run", {}, service=service),
+        ModelVersionRegistered("qcloop-SA", "1", {}, service=service),
+        ModelVersionPromoted("qcloop-SA", "1", "champion", None, service=service),
+    ]
+
+
+def exported_metric_names() -> set[str]:
+    """Every sample name the Prometheus exporter can export for a service: from its registry's
+    families (with the _total/_bucket/_sum/_count suffixes) and from a real exposition after
+    one event of each kind, delivered through the event hooks."""
+    pm = make_plugin_manager(load_entrypoints=False)
+    cfg = QcloopConfig(monitoring=MonitoringConfig(metrics_port=0))  # no HTTP endpoint
+    service = ServiceInfo(kind="monitor", config=cfg)
+    pm.service_started(service)
+    try:
+        metrics = service_metrics(service.id)
+        assert metrics is not None, "the exporter made no metrics for the service"
+        names: set[str] = set()
+        for family in metrics.registry.collect():
+            if family.type == "counter":
+                names |= {f"{family.name}_total", f"{family.name}_created"}
+            elif family.type == "histogram":
+                names |= {f"{family.name}_{s}" for s in ("bucket", "sum", "count", "created")}
+            else:
+                names.add(family.name)
+        for event in _one_event_of_each_kind(service.id):
+            assert pm.emit(event) == 0, event
+        exposition = metrics.exposition().decode()
+    finally:
+        pm.service_stopped(service)
     from prometheus_client.parser import text_string_to_metric_families
 
-    sampled = {
-        s.name
-        for f in text_string_to_metric_families(metrics.exposition().decode())
-        for s in f.samples
-    }
+    sampled = {s.name for f in text_string_to_metric_families(exposition) for s in f.samples}
     assert sampled <= names, sampled - names
     assert {"qcloop_pdc_bucket", "qcloop_cases_scored_total", "qcloop_ood_fraction"} <= sampled
+    assert {"qcloop_case_errors_total", "qcloop_pdc_reference_median"} <= sampled
     return names
 
 

@@ -13,8 +13,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from qcloop.deploy import onnx_export
-from qcloop.deploy.onnx_export import ExportError, parity_slices, read_metadata
+from qcloop.deploy.onnx import export as onnx_export
+from qcloop.deploy.onnx.convert import read_metadata
+from qcloop.deploy.onnx.errors import ExportError
+from qcloop.deploy.onnx.parity_data import parity_slices
 from qcloop.monitor import hookimpl
 from qcloop.monitor.cli.main import cli
 from qcloop.monitor.core.plugin_manager import get_plugin_manager, reset_plugin_manager
@@ -237,3 +239,14 @@ def test_bad_runs_and_outputs_are_clear_errors(tiny_run: Path, tmp_path: Path) -
     result = runner.invoke(cli, ["export-onnx", "--run", str(tiny_run), "--out", str(busy)])
     assert result.exit_code != 0 and "refusing to replace" in result.output
     assert (busy / "notes.txt").read_text() == "mine"
+
+
+def test_a_missing_extra_is_named(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the onnx extra were missing
+    for command in ("export-onnx", "export-triton"):
+        result = CliRunner().invoke(cli, [command, "--run", str(tiny_run), "--out", "unused"])
+        assert result.exit_code != 0
+        assert f"qcloop {command} needs the 'onnx' extra" in result.output
+        assert "pip install 'qcloop[onnx]'" in result.output

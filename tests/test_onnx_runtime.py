@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from qcloop.deploy.onnx_export import ExportError, export_run
-from qcloop.deploy.onnx_runtime import (
+from qcloop.deploy.onnx.errors import ExportError
+from qcloop.deploy.onnx.export import export_run
+from qcloop.deploy.onnx.runtime import (
     CPU,
     CUDA,
     OrtRuntime,
@@ -92,7 +93,7 @@ def test_requested_cuda_falls_back_to_cpu_with_one_warning(
 ) -> None:
     assert resolve_providers(None) == [CPU]
     assert resolve_providers("cuda") == [CUDA, CPU]
-    with caplog.at_level(logging.INFO, logger="qcloop.deploy.onnx_runtime"):
+    with caplog.at_level(logging.INFO, logger="qcloop.deploy.onnx.runtime"):
         runtime = OrtRuntime.from_export(onnx_dir, "SA", providers=[CUDA])
     assert runtime.providers() == [CPU]
     assert runtime.requested == [CUDA, CPU]
@@ -152,3 +153,52 @@ def test_bench_inference_smoke() -> None:
     assert row.rstrip().endswith(("PASS |", "MISS |"))
     bad = CliRunner().invoke(cli, ["bench", "inference", "--sizes", "30", "--archs", "bn2"])
     assert bad.exit_code != 0 and "divisor" in bad.output
+
+
+def test_the_runtime_names_its_missing_extra(
+    tiny_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from qcloop.monitor.core.optional import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the onnx extra were missing
+    with pytest.raises(MissingExtraError, match=r"needs the 'onnx' extra.*qcloop\[onnx\]"):
+        build_runtime("onnxruntime", tiny_run, "SA")
+
+
+def test_deploy_is_a_plugin_like_any_other() -> None:
+    """Blocked by name, the deploy plugin takes its runtime, commands and benchmarks with it;
+    loading it imports none of the optional libraries."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from click.testing import CliRunner\n"
+        "from qcloop.monitor.cli.main import cli\n"
+        "from qcloop.monitor.core.plugin_manager import get_plugin_manager\n"
+        "top = CliRunner().invoke(cli, ['--help']).output\n"
+        "bench = CliRunner().invoke(cli, ['bench', '--help']).output\n"
+        "names = ' '.join(get_plugin_manager().runtimes().names())\n"
+        "heavy = [m for m in ('onnx', 'onnxruntime', 'fastapi', 'uvicorn') if m in sys.modules]\n"
+        "print(json.dumps([top, bench, names, heavy]))\n"
+    )
+
+    def run(block: str) -> tuple[str, str, str, list[str]]:
+        env = {**os.environ, "QCLOOP_BLOCK_PLUGINS": block}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        top, bench, names, heavy = json.loads(out.stdout)
+        return top, bench, names, heavy
+
+    top, bench, names, heavy = run("")
+    assert all(f"  {c} " in top for c in ("serve", "export-onnx", "export-triton"))
+    assert all(f"  {c} " in bench for c in ("inference", "metrics", "serve"))
+    assert names.split() == ["onnxruntime", "torch"] and heavy == []
+    top, bench, names, _ = run("qcloop.deploy.plugin")
+    assert not any(f"  {c} " in top for c in ("serve", "export-onnx", "export-triton"))
+    assert "  metrics " in bench and "  inference " not in bench and "  serve " not in bench
+    assert names.split() == ["torch"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import gzip
-import importlib.util
 import json
 import math
 import re
@@ -23,15 +22,19 @@ import numpy as np
 import pytest
 import yaml
 
-from qcloop.deploy.serve import MaskStore, create_app, read_api_key
-from qcloop.deploy.serve_models import (
+from qcloop.deploy.serve.app import create_app
+from qcloop.deploy.serve.auth import read_api_key
+from qcloop.deploy.serve.mask_store import MaskStore
+from qcloop.deploy.serve.model_source import (
     ModelBundle,
     RegistrySource,
     RunSource,
     SourceError,
     bundle_from_scorers,
 )
+from qcloop.monitor import hookimpl
 from qcloop.monitor.core.config import QcloopConfig
+from qcloop.monitor.core.interfaces import ModelRef
 from qcloop.monitor.method.run_folder import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,10 +153,9 @@ def check_segmentation(body: dict[str, Any], upload: Path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def onnx_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the tiny run with an ONNX export (skips when the ORT backend is absent)."""
-    if importlib.util.find_spec("qcloop.deploy.onnx_runtime") is None:
-        pytest.skip("qcloop.deploy.onnx_runtime is not in this tree yet (ONNX Runtime backend)")
-    from qcloop.deploy.onnx_export import export_run
+    """A copy of the tiny run with an ONNX export (skips without the onnx extra)."""
+    pytest.importorskip("onnxruntime")
+    from qcloop.deploy.onnx.export import export_run
 
     run = tmp_path_factory.mktemp("onnx-run") / "run"
     shutil.copytree(tiny_run, run)
@@ -385,32 +387,31 @@ def test_full_queue_answers_429_with_retry_after(tiny_run: Path, tiny_cohort: Pa
 
 
 def test_registry_alias_move_reloads_without_failing_a_request(
-    tiny_run: Path, tiny_cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_run: Path, tiny_cohort: Path, tmp_path: Path
 ) -> None:
     """Two run folders behind ``qcloop@champion``: moving the alias while requests run swaps
     the models; every request succeeds and the versions reported change."""
-    from qcloop.monitor.ops import registry
-
     runs = {}
     for version in ("1", "2"):
         runs[version] = tmp_path / f"v{version}"
         shutil.copytree(tiny_run, runs[version])
     champion = {"version": "1"}
 
-    def alias_versions(spec: str, *, tracking_uri: str | None = None) -> dict[str, str]:
-        assert spec == "qcloop@champion"
-        return {"SA": champion["version"], "LA": champion["version"]}
+    class Registry:
+        """The two calls of the ``ModelRegistry`` protocol that serving uses."""
 
-    def resolve_model(spec: str, **_: Any) -> dict[str, registry.ModelRef]:
-        v = champion["version"]
-        return {
-            view: registry.ModelRef(f"qcloop-{view}", view, v, runs[v], aliases=["champion"])
-            for view in ("SA", "LA")
-        }
+        def alias_versions(self, spec: str) -> dict[str, str]:
+            assert spec == "qcloop@champion"
+            return {"SA": champion["version"], "LA": champion["version"]}
 
-    monkeypatch.setattr(registry, "alias_versions", alias_versions)
-    monkeypatch.setattr(registry, "resolve_model", resolve_model)
-    source = RegistrySource("qcloop@champion")
+        def resolve(self, spec: str) -> dict[str, ModelRef]:
+            v = champion["version"]
+            return {
+                view: ModelRef(f"qcloop-{view}", view, v, runs[v], aliases=["champion"])
+                for view in ("SA", "LA")
+            }
+
+    source = RegistrySource("qcloop@champion", registry=Registry())
     cfg = serve_cfg(tiny_run, reload_poll_s=0.2, max_concurrency=2, queue_size=16)
     server = LiveServer(create_app(source, cfg, api_key=KEY))  # loads in the background
     path = cohort_file(tiny_cohort, "LA")
@@ -465,6 +466,39 @@ def test_registry_alias_move_reloads_without_failing_a_request(
     assert models["reloads"] == 3 and models["reload_failures"] == 0
     assert json.loads(models["fingerprint"]) == {"SA": "2", "LA": "2"}
     assert metric_total(metrics, "qcloop_model_reloads_total") == 3
+
+
+def test_registry_source_builds_the_configured_registry_backend(
+    plugin_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``--model`` reaches the registry only through the ``ModelRegistry`` protocol, built by
+    name from ``registry.backend`` with the URI and cache folder given."""
+    from qcloop.monitor.core.plugin_manager import get_plugin_manager
+
+    built: list[dict[str, Any]] = []
+
+    class Registry:
+        def alias_versions(self, spec: str) -> dict[str, str]:
+            return {"SA": "4", "LA": "2"}
+
+    class Backend:
+        @hookimpl
+        def register_model_registries(self, register: Any) -> None:
+            def factory(uri: str | None = None, cache_dir: Path | None = None) -> Registry:
+                built.append({"uri": uri, "cache_dir": cache_dir})
+                return Registry()
+
+            register("test-backend", factory)
+
+    get_plugin_manager().register(Backend(), name="test-backend-plugin")
+    cfg = QcloopConfig.model_validate({"registry": {"backend": {"name": "test-backend"}}})
+    source = RegistrySource("qcloop@champion", "test://store", cfg=cfg, cache_dir=tmp_path)
+    assert json.loads(source.fingerprint()) == {"SA": "4", "LA": "2"}
+    assert source.fingerprint() == source.fingerprint()
+    assert built == [{"uri": "test://store", "cache_dir": tmp_path}]  # built once, then kept
+    unknown = QcloopConfig.model_validate({"registry": {"backend": {"name": "nope"}}})
+    with pytest.raises(SourceError, match="unknown model registry 'nope'"):
+        RegistrySource("qcloop@champion", cfg=unknown).fingerprint()
 
 
 def test_not_ready_until_models_load_and_a_failed_load_is_reported(tiny_run: Path) -> None:
@@ -539,6 +573,116 @@ def test_cli_refuses_without_a_key_or_with_two_sources(
     assert no_export.exit_code != 0 and "qcloop export-onnx --run" in no_export.output
 
 
+def test_cli_names_registered_runtimes_and_the_missing_extra(
+    tiny_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from click.testing import CliRunner
+
+    from qcloop.monitor.cli.main import cli
+
+    monkeypatch.setenv("QCLOOP_API_KEY", KEY)
+    runner = CliRunner()
+    unknown = runner.invoke(cli, ["serve", "--run", str(tiny_run), "--runtime", "tensorflow"])
+    assert unknown.exit_code != 0 and "unknown runtime 'tensorflow'" in unknown.output
+    assert "onnxruntime" in unknown.output and "torch" in unknown.output
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if the serve extra were missing
+    missing = runner.invoke(cli, ["serve", "--run", str(tiny_run)])
+    assert missing.exit_code != 0
+    assert "qcloop serve needs the 'serve' extra" in missing.output
+    assert "pip install 'qcloop[serve]'" in missing.output
+
+
+class EventRecorder:
+    """A plugin that records what a service tells plugins."""
+
+    def __init__(self) -> None:
+        self.services: list[tuple[str, str, str, bool]] = []
+        self.events: list[Any] = []
+
+    @hookimpl
+    def on_service_started(self, service: Any) -> None:
+        self.services.append(("started", service.id, service.kind, service.app is not None))
+
+    @hookimpl
+    def on_service_stopped(self, service: Any) -> None:
+        self.services.append(("stopped", service.id, service.kind, service.app is not None))
+
+    @hookimpl
+    def on_case_scored(self, event: Any) -> None:
+        self.events.append(event)
+
+    @hookimpl
+    def on_case_failed(self, event: Any) -> None:
+        self.events.append(event)
+
+    @hookimpl
+    def on_window_changed(self, event: Any) -> None:
+        self.events.append(event)
+
+    @hookimpl
+    def on_models_loaded(self, event: Any) -> None:
+        self.events.append(event)
+
+    @hookimpl
+    def on_admission_changed(self, event: Any) -> None:
+        self.events.append(event)
+
+
+def test_exporter_blocked_serve_still_answers_and_plugins_hear_every_event(
+    tiny_run: Path, tiny_cohort: Path
+) -> None:
+    """With the Prometheus exporter blocked there is no /metrics, the API works, and another
+    plugin receives the service's start and stop and every event it emits, with its id."""
+    from qcloop.monitor.core.plugin_manager import make_plugin_manager
+
+    pm = make_plugin_manager(load_entrypoints=False)
+    pm.set_blocked("qcloop.plugins.prometheus.exporter")
+    recorder = EventRecorder()
+    pm.register(recorder, name="event-recorder")
+    source = RunSource(tiny_run)
+    app = create_app(
+        source, serve_cfg(tiny_run), api_key=KEY, initial=source.load("torch"), plugin_manager=pm
+    )
+    good = cohort_file(tiny_cohort, "SA")
+    server = LiveServer(app)
+    try:
+        with server.client() as client:
+            assert client.get("/metrics").status_code == 404
+            assert post(client, good.read_bytes(), good.name).status_code == 200
+            assert post(client, b"%PDF-1.7" * 100, "a_SA.nii").status_code == 415
+            nan = np.ones((32, 32, 4), np.float32)
+            nan[1, 2, 3] = np.nan
+            assert post(client, nifti_gz(nan), "a_SA.nii.gz").status_code == 422
+    finally:
+        server.stop()
+    (_, service_id, kind, has_app), stopped = recorder.services
+    assert kind == "serve" and has_app and stopped[:3] == ("stopped", service_id, "serve")
+    events = recorder.events
+    assert events and all(e.service == service_id for e in events)
+    by_kind: dict[str, list[Any]] = {}
+    for event in events:
+        by_kind.setdefault(event.kind, []).append(event)
+    (loaded,) = by_kind["models_loaded"]
+    assert loaded.outcome == "ok" and not loaded.reload and set(loaded.views) == {"SA", "LA"}
+    assert all(v["runtime"] == "torch" and v["providers"] for v in loaded.views.values())
+    windows = by_kind["window_changed"]
+    assert [(w.view, w.cause) for w in windows[:2]] == [("LA", "reset"), ("SA", "reset")]
+    assert [(w.view, w.cause, w.stats.n) for w in windows[2:]] == [("SA", "case", 1)]
+    (scored,) = by_kind["case_scored"]
+    assert scored.view == "SA" and scored.record["image"] == good.name
+    failed = by_kind["case_failed"]
+    assert [(f.stage, f.source, f.view) for f in failed] == [
+        ("validate", "upload", "SA"),
+        ("read", "upload", "SA"),
+    ]
+    assert "not a NIfTI" in failed[0].reason and "NaN" in failed[1].reason
+    admission = by_kind["admission_changed"]
+    assert max(a.running for a in admission) == 1 and not any(a.rejected for a in admission)
+    assert (admission[-1].running, admission[-1].waiting) == (0, 0)
+
+
 def test_mask_store_is_bounded_and_expires() -> None:
     store = MaskStore(max_entries=2, max_bytes=10, ttl_s=60)
     a, b = store.put(b"aaaa"), store.put(b"bbbb")
@@ -601,7 +745,7 @@ def test_kubernetes_manifests_and_dockerfile_match_the_app() -> None:
     assert entry and cmd
     argv = json.loads(entry.group(1)) + json.loads(cmd.group(1))
     assert argv[:2] == ["qcloop", "serve"]
-    from qcloop.monitor.cli.serve import serve
+    from qcloop.deploy.commands.serve import serve
 
     options = {opt for p in serve.params for opt in p.opts}
     for args in (argv[2:], container["args"]):
@@ -620,7 +764,7 @@ def test_bench_serve_runs_the_cli_server_in_a_subprocess(tiny_run: Path) -> None
     """`qcloop bench serve` starts `qcloop serve` as a user would and reports every figure."""
     from click.testing import CliRunner
 
-    from qcloop.monitor.benchmarks.serve import phantom_sa_volume
+    from qcloop.deploy.benchmarks.serve import phantom_sa_volume
     from qcloop.monitor.cli.main import cli
 
     payload, shape = phantom_sa_volume(slices=10)
@@ -645,7 +789,7 @@ def test_header_check_refuses_a_huge_header_without_allocating() -> None:
     import io
     import tracemalloc
 
-    from qcloop.deploy.serve_upload import UploadLimits, UploadProblem, inspect_upload
+    from qcloop.deploy.serve.upload import UploadLimits, UploadProblem, inspect_upload
 
     payload = _header_only((20000, 20000, 1))  # 1.6 GB of float32 voxels if it were read
     tracemalloc.start()
@@ -660,7 +804,7 @@ def test_header_check_refuses_a_huge_header_without_allocating() -> None:
 
 
 def test_view_and_phase_from_file_names() -> None:
-    from qcloop.deploy.serve_upload import names_from_filename
+    from qcloop.deploy.serve.upload import names_from_filename
 
     assert names_from_filename("001_SA_ED.nii.gz") == ("SA", "ED")
     assert names_from_filename("C:\\scans\\p7-lax-es.nii") == ("LA", "ES")

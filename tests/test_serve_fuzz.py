@@ -24,8 +24,8 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from qcloop.deploy.serve import create_app
-from qcloop.deploy.serve_models import RunSource
+from qcloop.deploy.serve.app import create_app
+from qcloop.deploy.serve.model_source import RunSource
 from qcloop.monitor.method.run_folder import load_run_config
 from tests.test_serve import LiveServer
 

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from qcloop.deploy.triton import (
+from qcloop.deploy.triton.check import check_repository
+from qcloop.deploy.triton.configs import onnx_model_config
+from qcloop.deploy.triton.errors import TritonError
+from qcloop.deploy.triton.schema import (
     ENUMS,
     MODEL_CONFIG_SCHEMA,
-    TritonError,
-    check_repository,
-    onnx_model_config,
     parse_model_config,
     validate_model_config,
 )

@@ -1,4 +1,7 @@
-"""``qcloop bench``: benchmarks that print figures."""
+"""``qcloop bench``: benchmarks that print figures.
+
+The core's benchmark is ``metrics``; plugins add theirs to this group from their
+``register_commands`` hook (the deploy plugin adds ``inference`` and ``serve``)."""
 
 from __future__ import annotations
 
@@ -7,16 +10,27 @@ from typing import Any
 
 import click
 
-from qcloop.monitor.cli.main import LazyGroup
 
-#: benchmarks defined in their own command modules (``module:attr`` under qcloop.monitor.cli)
-LAZY_BENCHMARKS = {
-    "inference": "bench_inference:inference",
-    "serve": "bench_serve:serve",
-}
+class BenchGroup(click.Group):
+    """The ``bench`` group: the benchmarks plugins add arrive with the root group's plugin
+    commands, loaded before this group lists or looks up its own."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        _load_plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        _load_plugin_commands()
+        return super().get_command(ctx, cmd_name)
 
 
-@click.group(cls=LazyGroup, lazy=LAZY_BENCHMARKS, plugin_commands=False)
+def _load_plugin_commands() -> None:
+    from qcloop.monitor.cli.main import cli
+
+    cli.load_plugin_commands()
+
+
+@click.group(cls=BenchGroup)
 def bench() -> None:
     """Benchmarks that print figures (timings and agreement with reference libraries)."""
 

@@ -1,7 +1,9 @@
 """The ``qcloop`` command line: one entry point, subcommands loaded lazily.
 
-Heavy libraries (torch, mlflow, monai) are imported by the commands that need them, never by
-``qcloop --help``.
+The core's own commands are listed in :data:`BUILTIN_COMMANDS`; plugins add theirs through the
+``register_commands`` hook (the deploy plugin adds ``serve``, ``export-onnx``, ``export-triton``
+and the ``bench inference`` / ``bench serve`` benchmarks). Heavy libraries (torch, mlflow,
+monai) are imported by the commands that need them, never by ``qcloop --help``.
 """
 
 from __future__ import annotations
@@ -28,9 +30,6 @@ BUILTIN_COMMANDS: dict[str, str] = {
     "refine": "loop:refine",
     "predict": "loop:predict",
     "demo": "demo:demo",
-    "export-onnx": "export:export_onnx",
-    "export-triton": "export:export_triton",
-    "serve": "serve:serve",
     "monitor": "monitor:monitor",
     "models": "models:models",
 }
@@ -51,16 +50,18 @@ class LazyGroup(click.Group):
         # only the top-level group offers plugins the register_commands hook
         self._plugins_loaded = not plugin_commands
 
-    def _load_plugin_commands(self) -> None:
+    def load_plugin_commands(self) -> None:
+        """Let plugins add their commands (once; only on the group made with
+        ``plugin_commands=True``)."""
         if self._plugins_loaded:
             return
         self._plugins_loaded = True
         from qcloop.monitor.core.plugin_manager import get_plugin_manager
 
-        get_plugin_manager().hook.register_commands(cli=self)
+        get_plugin_manager().add_commands(self)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        self._load_plugin_commands()
+        self.load_plugin_commands()
         available = [name for name in self._lazy if _module_exists(self._lazy[name].split(":")[0])]
         return sorted(set(available) | set(super().list_commands(ctx)))
 
@@ -70,7 +71,7 @@ class LazyGroup(click.Group):
             if _module_exists(module_name):
                 module = importlib.import_module(f"qcloop.monitor.cli.{module_name}")
                 return getattr(module, attr)
-        self._load_plugin_commands()
+        self.load_plugin_commands()
         return super().get_command(ctx, cmd_name)
 
 

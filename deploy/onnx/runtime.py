@@ -1,7 +1,7 @@
-"""The ONNX Runtime backend: :class:`OrtRuntime` runs an export of ``qcloop export-onnx``.
+"""The ``onnxruntime`` runtime: :class:`OrtRuntime` runs an export of ``qcloop export-onnx``.
 
-It implements the ``Runtime`` protocol of :mod:`qcloop.monitor.ops.scoring`: one session per model,
-built once; slices run in batches; softmax is applied to the segmenters' logits in place.
+It implements the ``Runtime`` protocol of :mod:`qcloop.monitor.core.interfaces`: one session per
+model, built once; slices run in batches; softmax is applied to the segmenters' logits in place.
 
 Providers: by default the CUDA execution provider is asked for only when ONNX Runtime lists it
 AND a probe session really runs on it (onnxruntime-gpu lists CUDA even on machines without a
@@ -16,12 +16,14 @@ import contextlib
 import functools
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from qcloop.deploy.onnx_export import ExportError, load_manifest
+from qcloop.deploy.onnx.errors import ExportError
+from qcloop.deploy.onnx.manifest import MANIFEST, load_manifest
 from qcloop.monitor.core.atomic import sha256_file
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,7 @@ __all__ = [
     "OrtRuntime",
     "cuda_usable",
     "resolve_providers",
+    "runtime_for_run",
 ]
 
 CUDA = "CUDAExecutionProvider"
@@ -110,8 +113,103 @@ def _softmax_into(logits: np.ndarray, out: np.ndarray) -> None:
     out /= out.sum(axis=1, keepdims=True)
 
 
+@dataclass(frozen=True)
+class _ViewExport:
+    """One view's models as the manifest lists them: files (candidates then the QC module),
+    their digests, and the shapes they work on."""
+
+    input_size: int
+    divisor: int
+    num_classes: int
+    files: list[str]
+    digests: list[str | None]
+
+    @classmethod
+    def read(cls, root: Path, view: str) -> _ViewExport:
+        manifest = load_manifest(root)
+        where = root / MANIFEST
+        entry = manifest["views"].get(view)
+        if entry is None:
+            raise ExportError(
+                f"{where}: no {view} models in this export (views: {sorted(manifest['views'])})"
+            )
+        try:
+            candidates, qc = entry["candidates"], entry["qc"]
+            found = cls(
+                input_size=int(entry["input_size"]),
+                divisor=int(entry["divisor"]),
+                num_classes=int(entry["num_classes"]),
+                files=[c["file"] for c in candidates] + [qc["file"]],
+                digests=[c.get("sha256") for c in candidates] + [qc.get("sha256")],
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ExportError(f"{where}: view {view}: malformed entry ({exc})") from exc
+        if not found.files[:-1]:
+            raise ExportError(f"{where}: view {view} lists no candidate segmenter")
+        return found
+
+
+def _session_options(threads: int | None) -> Any:
+    """Session options: all graph optimisations, ``threads`` intra-op threads (ONNX Runtime's
+    default when ``None``) that do not spin when idle."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+        # several sessions share the cores (serve workers): idle threads must not spin
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def _open_session(
+    path: Path, digest: str | None, options: Any, providers: list[str], where: Path
+) -> Any:
+    """A session of the model file ``path``, checked against its digest in manifest ``where``."""
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise ExportError(f"{path}: missing (listed in {where})")
+    if digest and sha256_file(path) != digest:
+        raise ExportError(f"{path}: changed since the export (sha256 differs from {where})")
+    try:
+        with _quiet_ort():
+            return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:
+        raise ExportError(f"{path}: ONNX Runtime cannot load it ({exc})") from exc
+
+
+def _check_session(
+    path: Path, session: Any, view: str, role: str, size: int, num_classes: int
+) -> None:
+    """The session's metadata and signature fit the manifest's view, role and sizes."""
+    meta = session.get_modelmeta().custom_metadata_map
+    if meta.get("view") != view:
+        raise ExportError(f"{path}: metadata view is {meta.get('view')!r}, expected {view!r}")
+    if meta.get("role") != role:
+        raise ExportError(f"{path}: metadata role is {meta.get('role')!r}, expected {role!r}")
+    if meta.get("input_size") != str(size):
+        raise ExportError(
+            f"{path}: metadata input_size is {meta.get('input_size')!r}, the manifest says {size}"
+        )
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    channels = 1 if role == "segmenter" else num_classes
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ExportError(f"{path}: expected one input and one output")
+    shape = inputs[0].shape
+    if len(shape) != 4 or shape[1] != channels:
+        raise ExportError(f"{path}: input shape {shape}, expected (N, {channels}, H, W)")
+    if inputs[0].type != "tensor(float)" or outputs[0].type != "tensor(float)":
+        raise ExportError(f"{path}: expected float32 input and output")
+
+
 class OrtRuntime:
-    """:class:`~qcloop.monitor.ops.scoring.Runtime` on ONNX Runtime sessions of one view.
+    """The ``Runtime`` protocol on ONNX Runtime sessions of one view.
 
     Build it with :meth:`from_export`. Arrays are float32, channels first: images ``(Z, S, S)``,
     softmax maps ``(Z, C, S, S)``.
@@ -149,8 +247,6 @@ class OrtRuntime:
         self._io = [(s.get_inputs()[0].name, s.get_outputs()[0].name) for s in self.sessions]
         self._qc_io = (qc.get_inputs()[0].name, qc.get_outputs()[0].name)
 
-    # ------------------------------------------------------------------ construction
-
     @classmethod
     def from_export(
         cls,
@@ -173,96 +269,35 @@ class OrtRuntime:
             ExportError: the manifest or a model file is missing, unreadable, modified since
                 the export, or describes another view or input size.
         """
-        import onnxruntime as ort
-
         root = Path(onnx_dir)
-        manifest = load_manifest(root)
-        where = root / "manifest.json"
-        entry = manifest["views"].get(view)
-        if entry is None:
-            raise ExportError(
-                f"{where}: no {view} models in this export (views: {sorted(manifest['views'])})"
-            )
-        try:
-            size, divisor = int(entry["input_size"]), int(entry["divisor"])
-            num_classes = int(entry["num_classes"])
-            files = [c["file"] for c in entry["candidates"]] + [entry["qc"]["file"]]
-            digests = [c.get("sha256") for c in entry["candidates"]] + [entry["qc"].get("sha256")]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ExportError(f"{where}: view {view}: malformed entry ({exc})") from exc
-        if not files[:-1]:
-            raise ExportError(f"{where}: view {view} lists no candidate segmenter")
+        export = _ViewExport.read(root, view)
         wanted = resolve_providers(providers)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads is not None:
-            if threads < 1:
-                raise ValueError(f"threads must be >= 1, got {threads}")
-            options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
-            # several sessions share the cores (serve workers): idle threads must not spin
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = _session_options(threads)
         sessions = []
-        for index, (rel, digest) in enumerate(zip(files, digests, strict=True)):
+        for index, (rel, digest) in enumerate(zip(export.files, export.digests, strict=True)):
             path = root / rel
-            role = "qc" if index == len(files) - 1 else "segmenter"
-            if not path.is_file():
-                raise ExportError(f"{path}: missing (listed in {where})")
-            if digest and sha256_file(path) != digest:
-                raise ExportError(f"{path}: changed since the export (sha256 differs from {where})")
-            try:
-                with _quiet_ort():
-                    session = ort.InferenceSession(str(path), options, providers=wanted)
-            except Exception as exc:
-                raise ExportError(f"{path}: ONNX Runtime cannot load it ({exc})") from exc
-            cls._check_session(path, session, view, role, size, num_classes)
+            role = "qc" if index == len(export.files) - 1 else "segmenter"
+            session = _open_session(path, digest, options, wanted, root / MANIFEST)
+            _check_session(path, session, view, role, export.input_size, export.num_classes)
             sessions.append(session)
         runtime = cls(
-            view,
-            sessions[:-1],
-            sessions[-1],
-            input_size=size,
-            divisor=divisor,
-            num_classes=num_classes,
-            batch_size=batch_size,
-            files=[str(root / f) for f in files],
-            requested=wanted,
-        )
-        active = runtime.providers()
-        if CUDA in wanted and CUDA not in active:
+            view, sessions[:-1], sessions[-1], input_size=export.input_size,
+            divisor=export.divisor, num_classes=export.num_classes, batch_size=batch_size,
+            files=[str(root / f) for f in export.files], requested=wanted,
+        )  # fmt: skip
+        runtime._log_providers()
+        return runtime
+
+    def _log_providers(self) -> None:
+        active = self.providers()
+        if CUDA in self.requested and CUDA not in active:
             log.warning(
                 "%s: CUDAExecutionProvider was requested but did not load (no usable GPU or "
                 "CUDA libraries); running on %s",
-                view,
+                self.view,
                 ", ".join(active),
             )
-        log.info("%s: ONNX Runtime providers in use: %s", view, ", ".join(active))
-        return runtime
-
-    @staticmethod
-    def _check_session(
-        path: Path, session: Any, view: str, role: str, size: int, num_classes: int
-    ) -> None:
-        meta = session.get_modelmeta().custom_metadata_map
-        if meta.get("view") != view:
-            raise ExportError(f"{path}: metadata view is {meta.get('view')!r}, expected {view!r}")
-        if meta.get("role") != role:
-            raise ExportError(f"{path}: metadata role is {meta.get('role')!r}, expected {role!r}")
-        if meta.get("input_size") != str(size):
-            raise ExportError(
-                f"{path}: metadata input_size is {meta.get('input_size')!r}, the manifest says "
-                f"{size}"
-            )
-        inputs, outputs = session.get_inputs(), session.get_outputs()
-        channels = 1 if role == "segmenter" else num_classes
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise ExportError(f"{path}: expected one input and one output")
-        shape = inputs[0].shape
-        if len(shape) != 4 or shape[1] != channels:
-            raise ExportError(f"{path}: input shape {shape}, expected (N, {channels}, H, W)")
-        if inputs[0].type != "tensor(float)" or outputs[0].type != "tensor(float)":
-            raise ExportError(f"{path}: expected float32 input and output")
+        log.info("%s: ONNX Runtime providers in use: %s", self.view, ", ".join(active))
 
     # ------------------------------------------------------------------ Runtime protocol
 
@@ -322,3 +357,32 @@ class OrtRuntime:
             "input_size": self.input_size,
             "batch_size": self.batch_size,
         }
+
+
+def runtime_for_run(
+    run_dir: Path,
+    view: str,
+    cfg: Any,
+    *,
+    onnx_dir: str | Path | None = None,
+    threads: int | None = None,
+    **params: Any,
+) -> OrtRuntime:
+    """The ``onnxruntime`` runtime of ``view``: the ONNX models in ``onnx_dir`` (default
+    ``RUN/onnx``), ``threads`` intra-op threads per session (ONNX Runtime's default when
+    ``None``); other ``params`` (``providers``, ``batch_size``) go to
+    :meth:`OrtRuntime.from_export`.
+
+    Raises:
+        ExportError: the folder holds no export (the message says how to make one), or the
+            export cannot be used.
+    """
+    run_dir = Path(run_dir)
+    folder = Path(onnx_dir) if onnx_dir is not None else run_dir / "onnx"
+    if not (folder / MANIFEST).is_file():
+        out = "" if folder == run_dir / "onnx" else f" --out {folder}"
+        raise ExportError(
+            f"{folder}: no ONNX export ({MANIFEST} missing); run "
+            f"`qcloop export-onnx --run {run_dir}{out}` first"
+        )
+    return OrtRuntime.from_export(folder, view, threads=threads, **params)

@@ -1,6 +1,6 @@
 """Service benchmark: ``qcloop serve`` latency, throughput, errors and peak memory.
 
-The server runs in its own process (``python -m qcloop.monitor serve``) on 127.0.0.1, exactly as
+The server runs in its own process (``python -m qcloop.monitor serve``, the deploy plugin's command) on 127.0.0.1, exactly as
 a user starts it; the client sends one short-axis volume (a 10-slice phantom by default) from
 ``concurrency`` threads at once and times each request end to end (upload, queue, scoring,
 encoding the mask, download). The server's peak resident memory is read from

@@ -8,11 +8,21 @@ from typing import Any
 
 import click
 
+from qcloop.deploy.commands.extras import need
+
+__all__ = ["export_onnx", "export_triton"]
+
 _VIEWS = click.Choice(["SA", "LA", "both"], case_sensitive=False)
 
 
 def _views(view: str) -> list[str] | None:
     return None if view.lower() == "both" else [view.upper()]
+
+
+def _need_onnx(command: str, exporter: str = "torchscript") -> None:
+    """The ``onnx`` extra: onnx and ONNX Runtime, and onnxscript for the dynamo exporter."""
+    modules = ("onnx", "onnxruntime", *(("onnxscript",) if exporter == "dynamo" else ()))
+    need(command, "onnx", *modules)
 
 
 @click.command("export-onnx")
@@ -64,20 +74,16 @@ def export_onnx(
     as_json: bool,
 ) -> None:
     """Export every candidate segmenter and the QC module to ONNX, checked against PyTorch."""
-    from qcloop.deploy.onnx_export import ExportError, ParityError, export_run
+    _need_onnx("qcloop export-onnx", exporter)
+    from qcloop.deploy.onnx.errors import ExportError, ParityError
+    from qcloop.deploy.onnx.export import export_run
 
     target = out or run_dir / "onnx"
     try:
         manifest = export_run(
-            run_dir,
-            target,
-            views=_views(view),
-            opset=opset,
-            data=data,
-            max_cases=cases,
-            exporter=exporter,
-            echo=lambda line: click.echo(line, err=as_json),
-        )
+            run_dir, target, views=_views(view), opset=opset, data=data, max_cases=cases,
+            exporter=exporter, echo=lambda line: click.echo(line, err=as_json),
+        )  # fmt: skip
     except ParityError as exc:
         raise click.ClickException(f"parity check failed: {exc}") from exc
     except ExportError as exc:
@@ -96,7 +102,7 @@ def export_onnx(
 
 def _track(run_dir: Path, out: Path, manifest: dict[str, Any]) -> None:
     """Log the export to the run's configured tracker, if any."""
-    from qcloop.deploy.onnx_export import log_to_tracker
+    from qcloop.deploy.onnx.manifest import log_to_tracker
     from qcloop.monitor.core.plugin_manager import get_plugin_manager
     from qcloop.monitor.method.run_folder import load_run_config
 
@@ -113,6 +119,35 @@ def _track(run_dir: Path, out: Path, manifest: dict[str, Any]) -> None:
             f"{exc}"
         ) from exc
     click.echo(f"logged the export to tracker {spec.name!r}", err=True)
+
+
+def _echo_err(line: str) -> None:
+    click.echo(line, err=True)
+
+
+def _write_triton(
+    run_dir: Path | None,
+    onnx_dir: Path | None,
+    out: Path,
+    views: list[str] | None,
+    *,
+    max_batch: int,
+    kind: str,
+    data: Path | None,
+) -> dict[str, Any]:
+    """The repository from the export ``onnx_dir``, or from a fresh export of ``run_dir``
+    into a temporary folder (with the parity check on ``data``)."""
+    import tempfile
+
+    from qcloop.deploy.onnx.export import export_run
+    from qcloop.deploy.triton.repository import write_repository
+
+    if onnx_dir is not None:
+        return write_repository(onnx_dir, out, max_batch=max_batch, kind=kind, views=views)
+    with tempfile.TemporaryDirectory(prefix="qcloop-onnx-") as tmp:
+        export = Path(tmp) / "onnx"
+        export_run(run_dir, export, views=views, data=data, echo=_echo_err)
+        return write_repository(export, out, max_batch=max_batch, kind=kind)
 
 
 @click.command("export-triton")
@@ -167,26 +202,18 @@ def export_triton(
     data: Path | None,
 ) -> None:
     """Write a Triton model repository: segmenters, QC models and one ensemble per view."""
-    import tempfile
-
-    from qcloop.deploy.onnx_export import ExportError, ParityError, export_run
-    from qcloop.deploy.triton import TritonError, write_repository
-
     if (run_dir is None) == (onnx_dir is None):
         raise click.UsageError("give exactly one of --run RUN and --onnx DIR")
+    _need_onnx("qcloop export-triton", "dynamo" if run_dir is not None else "torchscript")
+    need("qcloop export-triton", "triton", "google.protobuf")
+    from qcloop.deploy.onnx.errors import ExportError, ParityError
+    from qcloop.deploy.triton.errors import TritonError
+
     try:
-        if onnx_dir is None:
-            with tempfile.TemporaryDirectory(prefix="qcloop-onnx-") as tmp:
-                export = Path(tmp) / "onnx"
-                export_run(
-                    run_dir, export, views=_views(view), data=data,
-                    echo=lambda line: click.echo(line, err=True),
-                )  # fmt: skip
-                summary = write_repository(export, out, max_batch=max_batch, kind=instance_kind)
-        else:
-            summary = write_repository(
-                onnx_dir, out, max_batch=max_batch, kind=instance_kind, views=_views(view)
-            )
+        summary = _write_triton(
+            run_dir, onnx_dir, out, _views(view), max_batch=max_batch, kind=instance_kind,
+            data=data,
+        )  # fmt: skip
     except ParityError as exc:
         raise click.ClickException(f"parity check failed: {exc}") from exc
     except (ExportError, TritonError) as exc:

@@ -1,13 +1,15 @@
 """`qcloop monitor`: inbox processing, restart idempotence, rejection of bad files, the drift
-policy, refinement on alerts, the Alertmanager webhook and the metrics endpoint."""
+policy, refinement on alerts, the Alertmanager webhook, the metrics endpoint (the Prometheus
+exporter, fed by the monitor's events only), and the events any other plugin receives."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +18,33 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from qcloop.monitor import (
+    AdmissionChanged,
+    CaseFailed,
+    CaseScored,
+    DriftAlert,
+    ModelRef,
+    ModelRefined,
+    ModelsLoaded,
+    ModelVersionPromoted,
+    ModelVersionRegistered,
+    ServiceInfo,
+    WindowChanged,
+    WindowStats,
+    hookimpl,
+)
 from qcloop.monitor.core.config import QcloopConfig, RefinementConfig
+from qcloop.monitor.core.plugin_manager import get_plugin_manager
 from qcloop.monitor.data import discover
 from qcloop.monitor.method.run_folder import load_run_config
-from qcloop.monitor.ops.drift import DriftLimits, WindowStats, judge_drift
-from qcloop.monitor.ops.files import JsonlLog
-from qcloop.monitor.ops.monitor import Champion, Monitor, read_identity
+from qcloop.monitor.ops.drift import DriftLimits, judge_drift
+from qcloop.monitor.ops.inbox import read_identity
+from qcloop.monitor.ops.ledger import JsonlLog
+from qcloop.monitor.ops.monitor import Monitor
 from qcloop.monitor.ops.webhook import AlertmanagerWebhook, parse_payload
-from qcloop.plugins.prometheus.exporter import QcMetrics
+from qcloop.monitor.ops.windows import ViewWindows
+from qcloop.plugins.prometheus.exporter import service_metrics
+from tests.prom_servers import free_port
 
 SECRET = "s3cret-for-tests"
 
@@ -48,23 +69,20 @@ def run_copy(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cfg(run: Path, **monitoring: Any) -> QcloopConfig:
+    """The run's configuration; the monitor's own /metrics endpoint off unless a port is set."""
     base = load_run_config(run)
-    mon = base.monitoring.model_copy(update={"refine_on_alert": False, **monitoring})
-    return base.model_copy(update={"monitoring": mon})
+    update = {"refine_on_alert": False, "metrics_port": 0, **monitoring}
+    return base.model_copy(update={"monitoring": base.monitoring.model_copy(update=update)})
 
 
-def _champions(run: Path, views: tuple[str, ...] = ("SA", "LA")) -> dict[str, Champion]:
-    return {v: Champion(v, run, "1", f"qcloop-{v}") for v in views}
+def _champions(run: Path, views: tuple[str, ...] = ("SA", "LA")) -> dict[str, ModelRef]:
+    return {v: ModelRef(f"qcloop-{v}", v, "1", run) for v in views}
 
 
-@pytest.fixture
-def metrics(plugin_env: pytest.MonkeyPatch) -> Iterator[QcMetrics]:
-    m = QcMetrics(window=50).activate()
-    yield m
-    m.deactivate()
-
-
-def _samples(metrics: QcMetrics) -> dict[tuple[str, tuple], float]:
+def _samples(mon: Monitor) -> dict[tuple[str, tuple], float]:
+    """The monitor's metrics, as the exporter keeps them for its service."""
+    metrics = service_metrics(mon.service.id)
+    assert metrics is not None, "the Prometheus exporter did not start for the monitor"
     out = {}
     for family in text_string_to_metric_families(metrics.exposition().decode()):
         for s in family.samples:
@@ -86,7 +104,7 @@ def _records(out: Path) -> list[dict[str, Any]]:
 
 
 def test_inbox_cases_are_scored_with_records_masks_and_ledger(
-    run_copy: Path, tiny_cohort: Path, tmp_path: Path, metrics: QcMetrics
+    run_copy: Path, tiny_cohort: Path, tmp_path: Path, plugin_env: pytest.MonkeyPatch
 ) -> None:
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     fed = _feed(inbox, tiny_cohort, "SA", {"A"}, 3) + _feed(inbox, tiny_cohort, "LA", {"B"}, 1)
@@ -94,7 +112,7 @@ def test_inbox_cases_are_scored_with_records_masks_and_ledger(
     src = next(s for s in discover(tiny_cohort, views=["SA"]) if s.vendor == "C")
     shutil.copy2(src.image_path, inbox / "scan-x.nii.gz")
     (inbox / "scan-x.json").write_text(json.dumps({"view": "SA", "phase": "ES", "vendor": "C"}))
-    mon = Monitor(inbox, out, _cfg(run_copy), _champions(run_copy), metrics=metrics, settle_s=0)
+    mon = Monitor(inbox, out, _cfg(run_copy), _champions(run_copy), settle_s=0)
     assert mon.step() == 5
     assert sorted(p.name for p in inbox.iterdir()) == []
     recs = _records(out)
@@ -115,7 +133,7 @@ def test_inbox_cases_are_scored_with_records_masks_and_ledger(
     assert len(discover(out / "processed" / "SA")) == 4
     ledger = [e for e in JsonlLog(out / "ledger.jsonl").read() if e["event"] == "case"]
     assert [e["seq"] for e in ledger] == [1, 2, 3, 4, 5]
-    s = _samples(metrics)
+    s = _samples(mon)
     assert s[("qcloop_cases_scored_total", (("model_version", "1"), ("view", "SA")))] == 4
     assert s[("qcloop_window_cases", (("view", "SA"),))] == 4
     ref = s[("qcloop_pdc_reference_median", (("view", "SA"),))]
@@ -126,12 +144,12 @@ def test_inbox_cases_are_scored_with_records_masks_and_ledger(
 
 
 def test_restart_scores_nothing_twice_and_loses_nothing(
-    run_copy: Path, tiny_cohort: Path, tmp_path: Path, metrics: QcMetrics
+    run_copy: Path, tiny_cohort: Path, tmp_path: Path, plugin_env: pytest.MonkeyPatch
 ) -> None:
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     fed = _feed(inbox, tiny_cohort, "SA", {"B", "C"}, 6)
     cfg, champs = _cfg(run_copy), _champions(run_copy, ("SA",))
-    first = Monitor(inbox, out, cfg, champs, metrics=metrics, settle_s=0)
+    first = Monitor(inbox, out, cfg, champs, settle_s=0)
     for path in fed[:3]:
         assert first.process_file(path) == "scored"
     # crash states: the last ledger line never written, an input never moved, a torn append
@@ -145,7 +163,7 @@ def test_restart_scores_nothing_twice_and_loses_nothing(
     first.close()
 
     calls: list[str] = []
-    second = Monitor(inbox, out, cfg, champs, metrics=metrics, settle_s=0)
+    second = Monitor(inbox, out, cfg, champs, settle_s=0)
     original = second.views["SA"].scorer.score
 
     def counting(case: Any) -> Any:
@@ -170,7 +188,7 @@ def test_restart_scores_nothing_twice_and_loses_nothing(
 
 
 def test_bad_files_are_rejected_with_reasons_and_the_loop_goes_on(
-    run_copy: Path, tiny_cohort: Path, tmp_path: Path, metrics: QcMetrics
+    run_copy: Path, tiny_cohort: Path, tmp_path: Path, plugin_env: pytest.MonkeyPatch
 ) -> None:
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     good, other, third = _feed(inbox, tiny_cohort, "SA", {"A"}, 3)
@@ -184,9 +202,7 @@ def test_bad_files_are_rejected_with_reasons_and_the_loop_goes_on(
         nib.Nifti1Image(np.full((40, 40, 3), np.nan, np.float32), np.eye(4)),
         inbox / "nan_SA_ED.nii.gz",
     )
-    mon = Monitor(
-        inbox, out, _cfg(run_copy), _champions(run_copy, ("SA",)), metrics=metrics, settle_s=0
-    )
+    mon = Monitor(inbox, out, _cfg(run_copy), _champions(run_copy, ("SA",)), settle_s=0)
     mon.step()
     reasons = {
         p.name[: -len(".reason.txt")]: p.read_text()
@@ -210,7 +226,7 @@ def test_bad_files_are_rejected_with_reasons_and_the_loop_goes_on(
     assert (out / "rejected" / "badside.json").is_file()
     assert [r["source_file"] for r in _records(out)] == [good.name]
     assert list(inbox.iterdir()) == []
-    assert _samples(metrics)[("qcloop_case_errors_total", (("stage", "read"),))] == 6
+    assert _samples(mon)[("qcloop_case_errors_total", (("stage", "read"),))] == 6
     mon.close()
 
 
@@ -234,7 +250,8 @@ def test_drift_policy_arithmetic() -> None:
 
 
 class FakeRegistry:
-    """Stands in for MLflow in fast tests: records calls, promotes on request."""
+    """Stands in for the model registry and the promotion gate in fast tests: records the
+    gate's calls, promotes on request; follows ``qcloop@champion``."""
 
     def __init__(self, promote: bool) -> None:
         self.promote = promote
@@ -242,25 +259,49 @@ class FakeRegistry:
         self.versions = {"SA": "1", "LA": "1"}
         self.runs: dict[str, Path] = {}
 
-    def register_and_gate(
-        self, refined_run: Path, champion: Champion, *, window_dir: Path, tags: dict[str, str]
-    ) -> dict[str, Any]:
+    def gate(
+        self,
+        registry: Any,
+        refined_run: Path,
+        champions: dict[str, ModelRef],
+        cfg: QcloopConfig,
+        *,
+        window_dir: Path,
+        tags: dict[str, str],
+    ) -> dict[str, dict[str, Any]]:
+        """The signature of ``promotion.register_and_gate``."""
+        assert registry is self
+        ((view, champion),) = champions.items()
         self.calls.append({"run": refined_run, "window": window_dir, "tags": tags})
-        version = str(int(self.versions[champion.view]) + 1)
-        self.runs[champion.view] = refined_run
+        version = str(int(self.versions[view]) + 1)
+        self.runs[view] = refined_run
         if self.promote:
-            self.versions[champion.view] = version
-        return {"version": version, "gate": {"passed": self.promote}, "promoted": self.promote}
+            self.versions[view] = version
+        gate = {"passed": self.promote}
+        return {
+            view: {
+                "name": champion.name,
+                "version": version,
+                "gate": gate,
+                "promoted": self.promote,
+            }
+        }
 
-    def current_versions(self) -> dict[str, str]:
+    def alias_versions(self, spec: str) -> dict[str, str]:
+        assert spec == "qcloop@champion", spec
         return dict(self.versions)
 
-    def champion(self, view: str) -> Champion:
-        return Champion(view, self.runs[view], self.versions[view], f"qcloop-{view}")
+    def resolve(self, spec: str) -> dict[str, ModelRef]:
+        assert spec == "qcloop@champion", spec
+        return {
+            v: ModelRef(f"qcloop-{v}", v, self.versions[v], self.runs[v])
+            for v in self.versions
+            if v in self.runs
+        }
 
 
 def test_alert_refines_registers_and_switches_to_the_promoted_model(
-    run_copy: Path, tiny_cohort: Path, tmp_path: Path, metrics: QcMetrics
+    run_copy: Path, tiny_cohort: Path, tmp_path: Path, plugin_env: pytest.MonkeyPatch
 ) -> None:
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     fed = _feed(inbox, tiny_cohort, "SA", {"B", "C"}, 8)
@@ -272,7 +313,7 @@ def test_alert_refines_registers_and_switches_to_the_promoted_model(
         cfg,
         _champions(run_copy, ("SA",)),
         registry=registry,
-        metrics=metrics,
+        gate_fn=registry.gate,
         refinement=RefinementConfig.model_validate(
             {"refiner": {"name": "alpha", "params": {"max_slices_per_epoch": 8}}, "k_semi": 1}
         ),
@@ -310,7 +351,7 @@ def test_alert_refines_registers_and_switches_to_the_promoted_model(
         mon.process_file(path)
     assert _records(out)[-1]["model"]["version"] == "2"
     assert mon.views["SA"].pending is None  # cooldown: no second alert storm
-    s = _samples(metrics)
+    s = _samples(mon)
     assert s[("qcloop_drift_alerts_total", (("source", "qcloop"), ("view", "SA")))] == 1
     assert s[("qcloop_refinements_total", (("view", "SA"),))] == 1
     assert s[("qcloop_window_cases", (("view", "SA"),))] == 4
@@ -318,7 +359,7 @@ def test_alert_refines_registers_and_switches_to_the_promoted_model(
 
 
 def test_alert_without_promotion_keeps_the_champion(
-    run_copy: Path, tmp_path: Path, metrics: QcMetrics
+    run_copy: Path, tmp_path: Path, plugin_env: pytest.MonkeyPatch
 ) -> None:
     seen: list[tuple[Path, str]] = []
 
@@ -335,7 +376,7 @@ def test_alert_without_promotion_keeps_the_champion(
         cfg,
         _champions(run_copy, ("SA",)),
         registry=registry,
-        metrics=metrics,
+        gate_fn=registry.gate,
         refine_fn=fake_refine,
     )
     # an Alertmanager alert on an empty window is recorded and skipped
@@ -416,19 +457,23 @@ def test_webhook_requires_the_secret_and_valid_alertmanager_json() -> None:
 
 
 def test_metrics_endpoint_serves_the_monitor_metrics(
-    run_copy: Path, tiny_cohort: Path, tmp_path: Path, metrics: QcMetrics
+    run_copy: Path, tiny_cohort: Path, tmp_path: Path, plugin_env: pytest.MonkeyPatch
 ) -> None:
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     _feed(inbox, tiny_cohort, "LA", {"A"}, 2)
-    mon = Monitor(inbox, out, _cfg(run_copy), _champions(run_copy), metrics=metrics, settle_s=0)
-    mon.step()
-    server = metrics.serve("127.0.0.1", 0)
+    port = free_port()
+    cfg = _cfg(run_copy, metrics_port=port)
+    mon = Monitor(inbox, out, cfg, _champions(run_copy), settle_s=0)
+    url = f"http://127.0.0.1:{port}/metrics"
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as r:
+        assert mon.service.endpoints == {"metrics": url}  # opened by the exporter at start
+        mon.step()
+        with urllib.request.urlopen(url, timeout=10) as r:
             body = r.read().decode()
     finally:
-        server.close()
         mon.close()
+    with pytest.raises(urllib.error.URLError):  # closed with the service
+        urllib.request.urlopen(url, timeout=2)
     assert 'qcloop_cases_scored_total{model_version="1",view="LA"} 2.0' in body
     assert 'qcloop_pdc_reference_median{view="SA"}' in body
     assert 'qcloop_window_cases{view="LA"} 2.0' in body
@@ -446,7 +491,7 @@ def test_identity_from_names_and_sidecars(tmp_path: Path) -> None:
 
 
 def test_inbox_waits_for_files_to_settle(tmp_path: Path) -> None:
-    from qcloop.monitor.ops.monitor import InboxWatcher
+    from qcloop.monitor.ops.inbox import InboxWatcher
 
     now = [0.0]
     w = InboxWatcher(tmp_path, settle_s=1.0, clock=lambda: now[0])
@@ -478,6 +523,10 @@ def test_command_line_needs_one_model_source_and_a_webhook_secret(
     assert result.exit_code == 2 and "exactly one of --run RUN or --model" in result.output
     result = runner.invoke(cli, [*args, "--run", str(tmp_path), "--model", "qcloop@champion"])
     assert result.exit_code == 2
+    # any registered runtime is accepted; an unknown one is refused with the available ones
+    result = runner.invoke(cli, [*args, "--model", "qcloop@champion", "--runtime", "nosuch"])
+    assert result.exit_code == 2 and "unknown runtime 'nosuch'" in result.output
+    assert "torch" in result.output
     monkeypatch.delenv("QCLOOP_TEST_SECRET", raising=False)
     with pytest.raises(WebhookError, match="QCLOOP_TEST_SECRET"):
         webhook_secret("QCLOOP_TEST_SECRET")
@@ -502,7 +551,7 @@ def test_a_torn_last_line_is_cut_off_and_appends_stay_whole(tmp_path: Path) -> N
 
 
 def test_a_refinement_queued_before_a_crash_is_queued_again(
-    run_copy: Path, tiny_cohort: Path, tmp_path: Path, metrics: QcMetrics
+    run_copy: Path, tiny_cohort: Path, tmp_path: Path, plugin_env: pytest.MonkeyPatch
 ) -> None:
     refined: list[list[str]] = []
 
@@ -513,28 +562,22 @@ def test_a_refinement_queued_before_a_crash_is_queued_again(
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     (case,) = _feed(inbox, tiny_cohort, "SA", {"B"}, 1)
     cfg = _cfg(run_copy, refine_on_alert=True)
-    first = Monitor(
-        inbox, out, cfg, _champions(run_copy, ("SA",)), metrics=metrics, refine_fn=fake_refine
-    )
+    first = Monitor(inbox, out, cfg, _champions(run_copy, ("SA",)), refine_fn=fake_refine)
     first.process_file(case)
     assert first.receive_alert("SA", {"labels": {"alertname": "QcloopPdcShift"}}) == "queued"
     first.close()  # "crash": the queued refinement never ran
-    second = Monitor(
-        inbox, out, cfg, _champions(run_copy, ("SA",)), metrics=metrics, refine_fn=fake_refine
-    )
+    second = Monitor(inbox, out, cfg, _champions(run_copy, ("SA",)), refine_fn=fake_refine)
     assert second.views["SA"].pending is not None
     assert second.receive_alert("SA", {"labels": {}}) == "coalesced"
     second.run_pending()
     assert refined == [["000001/SA/ED"]]
     assert JsonlLog(out / "ledger.jsonl").read()[-1]["event"] == "refinement"
-    third = Monitor(
-        inbox, out, cfg, _champions(run_copy, ("SA",)), metrics=metrics, refine_fn=fake_refine
-    )
+    third = Monitor(inbox, out, cfg, _champions(run_copy, ("SA",)), refine_fn=fake_refine)
     assert third.views["SA"].pending is None and len(refined) == 1
 
 
 def test_the_monitor_follows_a_champion_promoted_elsewhere(
-    run_copy: Path, tiny_cohort: Path, tmp_path: Path, metrics: QcMetrics
+    run_copy: Path, tiny_cohort: Path, tmp_path: Path, plugin_env: pytest.MonkeyPatch
 ) -> None:
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     (case,) = _feed(inbox, tiny_cohort, "SA", {"A"}, 1)
@@ -545,7 +588,7 @@ def test_the_monitor_follows_a_champion_promoted_elsewhere(
         _cfg(run_copy),
         _champions(run_copy, ("SA",)),
         registry=registry,
-        metrics=metrics,
+        gate_fn=registry.gate,
         reload_poll_s=3600,
     )
     mon.process_file(case)
@@ -557,6 +600,205 @@ def test_the_monitor_follows_a_champion_promoted_elsewhere(
     event = JsonlLog(out / "ledger.jsonl").read()[-1]
     assert event["event"] == "window_reset" and event["previous"]["version"] == "1"
     restarted = Monitor(
-        inbox, out, _cfg(run_copy), {"SA": registry.champion("SA")}, metrics=metrics
+        inbox, out, _cfg(run_copy), {"SA": registry.resolve("qcloop@champion")["SA"]}
     )
     assert len(restarted.views["SA"].window) == 0  # the reset survives a restart
+
+
+EVENT_TYPES = (
+    CaseScored,
+    CaseFailed,
+    WindowChanged,
+    DriftAlert,
+    ModelRefined,
+    ModelVersionRegistered,
+    ModelVersionPromoted,
+    ModelsLoaded,
+    AdmissionChanged,
+)
+
+
+class EventLog:
+    """A second subscriber plugin: every service hook and every event it receives."""
+
+    def __init__(self) -> None:
+        self.services: list[tuple[str, ServiceInfo]] = []
+        self.events: list[Any] = []
+
+    @hookimpl
+    def on_service_started(self, service: ServiceInfo) -> None:
+        self.services.append(("started", service))
+
+    @hookimpl
+    def on_service_stopped(self, service: ServiceInfo) -> None:
+        self.services.append(("stopped", service))
+
+    def of(self, kind: type) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+def _subscribe(kind: str) -> Callable[[EventLog, Any], None]:
+    def record(self: EventLog, event: Any) -> None:
+        self.events.append(event)
+
+    return hookimpl(specname=f"on_{kind}")(record)
+
+
+for _type in EVENT_TYPES:
+    setattr(EventLog, f"record_{_type.kind}", _subscribe(_type.kind))
+
+
+def test_a_second_subscriber_receives_every_event_the_monitor_emits(
+    run_copy: Path, tiny_cohort: Path, tmp_path: Path, plugin_env: pytest.MonkeyPatch
+) -> None:
+    events = EventLog()
+    get_plugin_manager().register(events, name="test-event-log")
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    _feed(inbox, tiny_cohort, "SA", {"B", "C"}, 4)
+    (inbox / "notes.txt").write_text("not an image")
+
+    def fake_refine(window: Path, run: Path, out_run: Path, view: str, cfg: Any) -> dict:
+        shutil.copytree(run, out_run)  # a loadable "refined" run
+        return {"views": {view: {"cases": 4, "flagged": 2}}}
+
+    registry = FakeRegistry(promote=True)
+    mon = Monitor(
+        inbox,
+        out,
+        _cfg(run_copy, refine_on_alert=True),  # default limits: 4 cases never alert
+        _champions(run_copy, ("SA",)),
+        registry=registry,
+        gate_fn=registry.gate,
+        refine_fn=fake_refine,
+        settle_s=0,
+    )
+    assert events.services == [("started", mon.service)]
+    assert mon.step() == 5
+    assert mon.receive_alert("SA", {"labels": {"alertname": "QcloopPdcShift"}}) == "queued"
+    mon.run_pending()
+    s = _samples(mon)  # the exporter, a subscriber like any other, saw the same events
+    mon.close()
+    assert events.services == [("started", mon.service), ("stopped", mon.service)]
+    kinds = {type(e) for e in events.events}
+    assert kinds == {CaseScored, CaseFailed, WindowChanged, DriftAlert, ModelRefined, ModelsLoaded}
+    assert {e.service for e in events.events} == {mon.service.id}
+    (failed,) = events.of(CaseFailed)
+    assert (failed.stage, failed.source) == ("read", "notes.txt")
+    assert "not a NIfTI" in failed.reason
+    assert len(events.of(CaseScored)) == 4
+    windows = events.of(WindowChanged)
+    assert [w.cause for w in windows] == ["restore", "case", "case", "case", "case", "reset"]
+    assert [w.stats.n for w in windows] == [0, 1, 2, 3, 4, 0]
+    assert [w.model_version for w in windows] == ["1"] * 5 + ["2"]
+    reference = windows[0].reference_median
+    assert reference is not None and all(w.reference_median == reference for w in windows)
+    (alert,) = events.of(DriftAlert)
+    assert (alert.view, alert.source, alert.window.n) == ("SA", "alertmanager", 4)
+    (refined,) = events.of(ModelRefined)
+    assert refined.view == "SA" and refined.summary["cases"] == 4
+    loads = events.of(ModelsLoaded)
+    assert [(m.reload, m.views["SA"]["version"]) for m in loads] == [(False, "1"), (True, "2")]
+    assert loads[0].views["SA"]["runtime"] == "torch" and loads[0].outcome == "ok"
+    assert s[("qcloop_case_errors_total", (("stage", "read"),))] == 1
+    assert s[("qcloop_drift_alerts_total", (("source", "alertmanager"), ("view", "SA")))] == 1
+    assert s[("qcloop_window_cases", (("view", "SA"),))] == 0  # reset: a new champion
+    assert ("qcloop_pdc_window_median", (("view", "SA"),)) not in s
+
+
+@pytest.mark.parametrize("how", ["environment", "configuration"])
+def test_the_monitor_scores_with_the_exporter_blocked(
+    how: str, run_copy: Path, tiny_cohort: Path, tmp_path: Path, plugin_env: pytest.MonkeyPatch
+) -> None:
+    exporter = "qcloop.plugins.prometheus.exporter"
+    port = free_port()
+    cfg = _cfg(run_copy, metrics_port=port)
+    if how == "environment":
+        plugin_env.setenv("QCLOOP_BLOCK_PLUGINS", exporter)
+    else:
+        cfg = cfg.model_copy(
+            update={"plugins": cfg.plugins.model_copy(update={"block": [exporter]})}
+        )
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    _feed(inbox, tiny_cohort, "SA", {"A"}, 2)
+    with Monitor(inbox, out, cfg, _champions(run_copy, ("SA",)), settle_s=0) as mon:
+        assert get_plugin_manager().is_blocked(exporter)
+        assert mon.step() == 2
+        assert len(_records(out)) == 2 and mon.window_stats("SA").n == 2
+        assert mon.service.endpoints == {} and service_metrics(mon.service.id) is None
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_reference_median_from_the_fences_else_the_validation_cases_else_none(
+    run_copy: Path, tmp_path: Path, plugin_env: pytest.MonkeyPatch
+) -> None:
+    from qcloop.monitor.ops.reference import compute_reference
+    from qcloop.monitor.ops.scoring import load_online_scorers
+
+    scorer = load_online_scorers(run_copy, ["SA"])["SA"]
+    recorded = compute_reference(run_copy, "SA", scorer)
+    assert recorded is not None and recorded["source"].startswith("calibration cases")
+    assert 0 < recorded["median_pdc"] <= 1 and recorded["cases"] > 0
+    # a run trained before the calibration median was recorded: fences.json of format 1
+    legacy = tmp_path / "legacy"
+    shutil.copytree(run_copy, legacy)
+    fences = legacy / "SA" / "fences.json"
+    fences.write_text(json.dumps(json.loads(fences.read_text())["phases"]))
+    computed = compute_reference(legacy, "SA", scorer)
+    assert computed is not None and computed["source"].startswith("validation cases")
+    assert computed["cases"] == recorded["cases"]
+    assert computed["median_pdc"] == pytest.approx(recorded["median_pdc"], abs=0.02)
+    # ... moved where its training data are not: no reference, the median rule is off
+    info = json.loads((legacy / "run.json").read_text())
+    (legacy / "run.json").write_text(json.dumps({**info, "data": str(tmp_path / "gone")}))
+    assert compute_reference(legacy, "SA", scorer) is None
+    champions = {"SA": ModelRef("qcloop-SA", "SA", "1", legacy)}
+    with Monitor(tmp_path / "inbox", tmp_path / "out", _cfg(legacy), champions) as mon:
+        assert mon.views["SA"].reference_median is None
+        assert ("qcloop_pdc_reference_median", (("view", "SA"),)) not in _samples(mon)
+        assert not (tmp_path / "out" / "reference.json").exists()
+
+
+def test_view_windows_publish_every_change_in_order(plugin_env: pytest.MonkeyPatch) -> None:
+    events = EventLog()
+    pm = get_plugin_manager()
+    pm.register(events, name="test-event-log")
+    windows = ViewWindows(3, pm=pm, service="svc")
+    assert windows.stats("SA") == WindowStats(0, 0.0, None) and windows.items("SA") == []
+    pairs = [(True, 0.2), (False, 0.9)]
+    windows.restore("SA", pairs, items=["a", "b"], model_version="3", reference_median=0.85)
+    windows.add("SA", False, 0.7, "c")
+    windows.add("SA", True, 0.1, "d")
+    assert windows.items("SA") == ["b", "c", "d"] and windows.count("SA") == 3
+    stats = windows.stats("SA")
+    assert (stats.n, stats.ood_fraction, stats.median_pdc) == (3, pytest.approx(1 / 3), 0.7)
+    windows.reset("SA", model_version="4", reference_median=None)
+    seen = [
+        (e.cause, e.stats.n, e.model_version, e.reference_median, e.service)
+        for e in events.of(WindowChanged)
+    ]
+    assert seen == [
+        ("restore", 2, "3", 0.85, "svc"),
+        ("case", 3, "3", 0.85, "svc"),
+        ("case", 3, "3", 0.85, "svc"),
+        ("reset", 0, "4", None, "svc"),
+    ]
+    with pytest.raises(ValueError, match="2 items for 1 window cases"):
+        windows.restore(
+            "LA", [(True, 0.5)], items=["x", "y"], model_version="1", reference_median=None
+        )
+    with pytest.raises(ValueError, match="non-finite"):
+        windows.add("SA", False, float("nan"))
+    assert len(events.of(WindowChanged)) == 4  # refused changes publish nothing
+    # cases added from several threads are published in the order they entered the window
+    many = ViewWindows(1000, pm=pm, service="svc")
+    threads = [
+        threading.Thread(target=lambda: [many.add("LA", False, 0.5) for _ in range(50)])
+        for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    counts = [e.stats.n for e in events.of(WindowChanged) if e.view == "LA"]
+    assert counts == list(range(1, 201))

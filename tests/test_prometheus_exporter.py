@@ -1,7 +1,10 @@
-"""The Prometheus exporter: metrics from qcloop's events, served over HTTP on 127.0.0.1."""
+"""The Prometheus exporter: per-service metrics driven by qcloop's events only (the monitor's
+own /metrics server on 127.0.0.1, /metrics and the HTTP metrics mounted on a serve app)."""
 
 from __future__ import annotations
 
+import asyncio
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -9,9 +12,24 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from qcloop.monitor.core.plugin_manager import get_plugin_manager
+from qcloop.monitor import (
+    AdmissionChanged,
+    CaseFailed,
+    CaseScored,
+    DriftAlert,
+    ModelRefined,
+    ModelsLoaded,
+    ModelVersionPromoted,
+    ModelVersionRegistered,
+    ServiceInfo,
+    WindowStats,
+)
+from qcloop.monitor.core.config import QcloopConfig
+from qcloop.monitor.core.plugin_manager import QcloopPluginManager, get_plugin_manager
 from qcloop.monitor.ops.drift import RollingWindow, decision_pdc
-from qcloop.plugins.prometheus.exporter import QcMetrics
+from qcloop.monitor.ops.windows import ViewWindows
+from qcloop.plugins.prometheus.exporter import QcMetrics, service_metrics
+from tests.prom_servers import free_port
 
 
 def record(view: str = "SA", ood: bool = False, rv: float = 0.9, phase: str = "ED") -> dict:
@@ -35,7 +53,8 @@ def record(view: str = "SA", ood: bool = False, rv: float = 0.9, phase: str = "E
     }
 
 
-def samples(metrics: QcMetrics) -> dict[tuple[str, tuple], float]:
+def samples(metrics: QcMetrics | None) -> dict[tuple[str, tuple], float]:
+    assert metrics is not None
     text = metrics.exposition().decode()
     out = {}
     for family in text_string_to_metric_families(text):
@@ -44,18 +63,36 @@ def samples(metrics: QcMetrics) -> dict[tuple[str, tuple], float]:
     return out
 
 
+def _config(metrics_port: int = 0) -> QcloopConfig:
+    cfg = QcloopConfig()
+    return cfg.model_copy(
+        update={"monitoring": cfg.monitoring.model_copy(update={"metrics_port": metrics_port})}
+    )
+
+
 @pytest.fixture
-def metrics(plugin_env: pytest.MonkeyPatch) -> Iterator[QcMetrics]:
-    m = QcMetrics(window=4).activate()
-    yield m
-    m.deactivate()
+def pm(plugin_env: pytest.MonkeyPatch) -> QcloopPluginManager:
+    return get_plugin_manager()
 
 
-def test_case_events_update_histograms_counters_and_window(metrics: QcMetrics) -> None:
-    pm = get_plugin_manager()
+@pytest.fixture
+def monitor(pm: QcloopPluginManager) -> Iterator[ServiceInfo]:
+    """A monitor service as the exporter sees it (no endpoint: metrics_port 0)."""
+    service = ServiceInfo(kind="monitor", config=_config())
+    pm.service_started(service)
+    yield service
+    pm.service_stopped(service)
+
+
+def test_case_events_update_histograms_counters_and_the_core_window(
+    pm: QcloopPluginManager, monitor: ServiceInfo
+) -> None:
+    windows = ViewWindows(4, pm=pm, service=monitor.id)
     for ood, rv in [(False, 0.9), (True, 0.4), (False, 0.8), (True, 0.3), (True, 0.2)]:
-        pm.notify_case_scored(record(ood=ood, rv=rv))
-    s = samples(metrics)
+        rec = record(ood=ood, rv=rv)
+        pm.emit(CaseScored(rec, service=monitor.id))
+        windows.add("SA", ood, decision_pdc(rec))
+    s = samples(service_metrics(monitor.id))
     v = (("model_version", "3"), ("view", "SA"))
     assert s[("qcloop_cases_scored_total", v)] == 5
     assert s[("qcloop_cases_flagged_total", v)] == 3
@@ -69,39 +106,119 @@ def test_case_events_update_histograms_counters_and_window(metrics: QcMetrics) -
     assert s[("qcloop_phd_mm_sum", rv)] == pytest.approx(45.0)
     assert s[("qcloop_fence_pdc_low", (("phase", "ED"), ("view", "SA")))] == 0.7
     assert s[("qcloop_case_latency_seconds_count", (("runtime", "torch"), ("view", "SA")))] == 5
-    text = metrics.exposition().decode()
+    text = service_metrics(monitor.id).exposition().decode()  # type: ignore[union-attr]
     assert "case-should-never-be-a-label" not in text
 
 
-def test_lifecycle_events_are_counted(metrics: QcMetrics) -> None:
-    pm = get_plugin_manager()
-    pm.notify_drift_alert({"view": "LA", "source": "alertmanager"})
-    pm.notify_model_refined("LA", "/tmp/run2", {})
-    pm.notify_model_version_registered("qcloop-LA", "2", {})
-    pm.notify_model_version_promoted("qcloop-LA", "2", "champion", "1")
-    s = samples(metrics)
+def test_lifecycle_events_are_counted(pm: QcloopPluginManager, monitor: ServiceInfo) -> None:
+    window = WindowStats(0, 0.0, None)
+    pm.emit(
+        DriftAlert("LA", "alertmanager", (), window, None, {}, "2026-12-02", service=monitor.id)
+    )
+    pm.emit(ModelRefined("LA", "/tmp/run2", {}, service=monitor.id))
+    # the registry's lifecycle is emitted outside the service's own code: no service id
+    pm.emit(ModelVersionRegistered("qcloop-LA", "2", {}))
+    pm.emit(ModelVersionPromoted("qcloop-LA", "2", "champion", "1"))
+    pm.emit(CaseFailed("validate", "too many slices", "upload", service=monitor.id))
+    s = samples(service_metrics(monitor.id))
     assert s[("qcloop_drift_alerts_total", (("source", "alertmanager"), ("view", "LA")))] == 1
     assert s[("qcloop_refinements_total", (("view", "LA"),))] == 1
     assert s[("qcloop_model_versions_registered_total", (("name", "qcloop-LA"),))] == 1
     assert s[("qcloop_promotions_total", (("alias", "champion"), ("name", "qcloop-LA")))] == 1
+    assert s[("qcloop_case_errors_total", (("stage", "validate"),))] == 1
 
 
-def test_inactive_metrics_receive_nothing(plugin_env: pytest.MonkeyPatch) -> None:
-    m = QcMetrics()
-    get_plugin_manager().notify_case_scored(record())
-    assert ("qcloop_cases_scored_total", (("model_version", "3"), ("view", "SA"))) not in samples(m)
+def test_events_of_other_services_and_batch_commands_are_ignored(
+    pm: QcloopPluginManager, monitor: ServiceInfo
+) -> None:
+    key = ("qcloop_cases_scored_total", (("model_version", "3"), ("view", "SA")))
+    pm.emit(CaseScored(record(), service="not-started-here"))
+    assert key not in samples(service_metrics(monitor.id))
+    pm.emit(CaseScored(record(), service=monitor.id))
+    assert samples(service_metrics(monitor.id))[key] == 1
+    pm.service_stopped(monitor)
+    assert service_metrics(monitor.id) is None
+    pm.emit(CaseScored(record()))  # a batch command (`qcloop assess`): no service runs
 
 
-def test_http_endpoint_on_loopback(metrics: QcMetrics) -> None:
-    metrics.observe_case(record(view="LA"))
-    server = metrics.serve("127.0.0.1", 0)
+def test_the_monitor_endpoint_opens_and_closes_with_the_service(pm: QcloopPluginManager) -> None:
+    port = free_port()
+    service = ServiceInfo(kind="monitor", config=_config(port))
+    pm.service_started(service)
+    url = f"http://127.0.0.1:{port}/metrics"
     try:
-        assert server.host == "127.0.0.1" and server.port > 0
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as r:
+        assert service.endpoints == {"metrics": url}
+        pm.emit(CaseScored(record(view="LA"), service=service.id))
+        with urllib.request.urlopen(url, timeout=10) as r:
             body = r.read().decode()
         assert 'qcloop_cases_scored_total{model_version="3",view="LA"} 1.0' in body
     finally:
-        server.close()
+        pm.service_stopped(service)
+    assert service.endpoints == {}
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(url, timeout=2)
+
+
+def test_serve_app_gets_metrics_route_middleware_and_http_metrics(
+    pm: QcloopPluginManager,
+) -> None:
+    import httpx
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/items/{item}")
+    async def item(item: str) -> dict[str, str]:
+        return {"item": item}
+
+    service = ServiceInfo(kind="serve", config=_config(), app=app)
+    pm.service_started(service)
+    try:
+        assert service.endpoints == {}  # serve mounts /metrics on its own app
+        assert "/metrics" in app.openapi()["paths"]
+        models = {"SA": {"name": "qcloop-SA", "version": "3", "runtime": "onnxruntime"}}
+        pm.emit(ModelsLoaded(models, service=service.id))
+        pm.emit(
+            ModelsLoaded(
+                {**models, "SA": {**models["SA"], "version": "4"}}, reload=True, service=service.id
+            )
+        )
+        pm.emit(ModelsLoaded({}, outcome="failed", reload=True, error="gone", service=service.id))
+        pm.emit(AdmissionChanged(running=2, waiting=1, service=service.id))
+        pm.emit(AdmissionChanged(running=2, waiting=1, rejected=True, service=service.id))
+
+        async def requests() -> str:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+                assert (await client.get("/items/a")).status_code == 200
+                assert (await client.get("/items/b")).status_code == 200
+                assert (await client.get("/nowhere")).status_code == 404
+                return (await client.get("/metrics")).text
+
+        body = asyncio.run(requests())
+    finally:
+        pm.service_stopped(service)
+    s = {
+        (x.name, tuple(sorted(x.labels.items()))): x.value
+        for f in text_string_to_metric_families(body)
+        for x in f.samples
+    }
+    ok = (("endpoint", "/items/{item}"), ("method", "GET"), ("status", "200"))
+    assert s[("qcloop_http_requests_total", ok)] == 2  # by route template, never raw path
+    missing = (("endpoint", "unmatched"), ("method", "GET"), ("status", "404"))
+    assert s[("qcloop_http_requests_total", missing)] == 1
+    assert s[("qcloop_http_request_duration_seconds_count", (("endpoint", "/items/{item}"),))] == 2
+    info = (("runtime", "onnxruntime"), ("version", "4"), ("view", "SA"))
+    assert s[("qcloop_model_info", info)] == 1
+    assert (
+        "qcloop_model_info",
+        (("runtime", "onnxruntime"), ("version", "3"), ("view", "SA")),
+    ) not in s
+    assert s[("qcloop_model_reloads_total", (("outcome", "ok"),))] == 1
+    assert s[("qcloop_model_reloads_total", (("outcome", "failed"),))] == 1
+    assert s[("qcloop_http_in_flight", ())] == 2
+    assert s[("qcloop_http_queue_depth", ())] == 1
+    assert s[("qcloop_http_rejected_total", ())] == 1
 
 
 def test_rolling_window_and_decision_pdc() -> None:
@@ -121,18 +238,24 @@ def test_rolling_window_and_decision_pdc() -> None:
         RollingWindow(0)
 
 
-def test_window_reset_and_restore_do_not_count_cases_again(metrics: QcMetrics) -> None:
+def test_window_reset_and_restore_do_not_count_cases_again(
+    pm: QcloopPluginManager, monitor: ServiceInfo
+) -> None:
+    windows = ViewWindows(4, pm=pm, service=monitor.id)
     for ood, rv in [(True, 0.2), (False, 0.8)]:
-        metrics.observe_case(record(ood=ood, rv=rv))
-    metrics.reset_window("SA")
-    s = samples(metrics)
+        pm.emit(CaseScored(record(ood=ood, rv=rv), service=monitor.id))
+        windows.add("SA", ood, rv)
+    windows.reset("SA", model_version="4", reference_median=None)
+    s = samples(service_metrics(monitor.id))
     assert s[("qcloop_window_cases", (("view", "SA"),))] == 0
     assert s[("qcloop_ood_fraction", (("view", "SA"),))] == 0
     # an empty window has no median: no stale value for the PdcShift rule to fire on
     assert ("qcloop_pdc_window_median", (("view", "SA"),)) not in s
-    metrics.restore_window("SA", [(True, 0.2), (False, 0.6), (True, 0.3), (True, 0.1), (True, 0.9)])
-    s = samples(metrics)
+    pairs = [(True, 0.2), (False, 0.6), (True, 0.3), (True, 0.1), (True, 0.9)]
+    windows.restore("SA", pairs, model_version="4", reference_median=0.8)
+    s = samples(service_metrics(monitor.id))
     assert s[("qcloop_window_cases", (("view", "SA"),))] == 4  # window of 4: oldest dropped
     assert s[("qcloop_ood_fraction", (("view", "SA"),))] == 0.75
     assert s[("qcloop_pdc_window_median", (("view", "SA"),))] == pytest.approx(0.45)
+    assert s[("qcloop_pdc_reference_median", (("view", "SA"),))] == 0.8
     assert s[("qcloop_cases_scored_total", (("model_version", "3"), ("view", "SA")))] == 2

@@ -1,15 +1,33 @@
-"""``qcloop monitor``: score an inbox of incoming cases, export QC-drift metrics, and refine the
-champion models when drift is alerted."""
+"""``qcloop monitor``: score an inbox of incoming cases, tell plugins what happens (the
+Prometheus exporter serves QC-drift metrics), and refine the champion models when drift is
+alerted."""
 
 from __future__ import annotations
 
 import logging
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
+from qcloop.monitor.core.config import QcloopConfig, load_config
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qcloop.monitor.core.interfaces import ModelRef, ModelRegistry
+    from qcloop.monitor.ops.monitor import Monitor
+
 log = logging.getLogger(__name__)
+
+
+def _registered_runtime(_ctx: click.Context, _param: click.Parameter, name: str) -> str:
+    """``--runtime``: a runtime some loaded plugin registers."""
+    from qcloop.monitor.core.plugin_manager import get_plugin_manager
+
+    runtimes = get_plugin_manager().runtimes()
+    if name not in runtimes:
+        raise click.BadParameter(runtimes.unknown_message(name))
+    return name
 
 
 @click.command()
@@ -47,7 +65,7 @@ log = logging.getLogger(__name__)
 @click.option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
-    help="Port of /metrics (default monitoring.metrics_port; 0: no endpoint).",
+    help="Port of the exporter's /metrics (default monitoring.metrics_port; 0: no endpoint).",
 )
 @click.option(
     "--webhook-port",
@@ -55,7 +73,11 @@ log = logging.getLogger(__name__)
     help="Serve the Alertmanager webhook on this port (path /alertmanager); needs the secret "
     "in the environment variable named by monitoring.webhook_secret_env.",
 )
-@click.option("--tracking-uri", help="MLflow tracking URI (default sqlite:///<cwd>/mlflow.db).")
+@click.option(
+    "--tracking-uri",
+    help="Model registry URI (default registry.uri, else the backend's own: MLflow's is "
+    "sqlite:///<cwd>/mlflow.db).",
+)
 @click.option("--once", is_flag=True, help="Process the files ready now, then exit.")
 @click.option(
     "--poll-s", default=2.0, show_default=True, type=click.FloatRange(0.05), help="Inbox poll."
@@ -76,10 +98,11 @@ log = logging.getLogger(__name__)
 )
 @click.option(
     "--runtime",
-    type=click.Choice(["torch", "onnxruntime"]),
     default="torch",
     show_default=True,
-    help="Inference backend (onnxruntime needs RUN/onnx from qcloop export-onnx).",
+    callback=_registered_runtime,
+    help="Inference runtime: any registered one (qcloop plugins lists them; onnxruntime, from "
+    "the deploy plugin, needs RUN/onnx from qcloop export-onnx).",
 )
 @click.option(
     "--threads",
@@ -104,50 +127,27 @@ def monitor(
     threads: int | None,
 ) -> None:
     """Watch INBOX, score each case with the champion models, write masks and QC records to
-    OUT, export Prometheus metrics, and refine on drift alerts (own policy or Alertmanager).
+    OUT, tell plugins what happens (an exporter serves /metrics), and refine on drift alerts
+    (own policy or Alertmanager).
 
     Restartable: finished cases (by content hash, in OUT/ledger.jsonl) are never scored again.
     """
-    from qcloop.monitor.core.config import QcloopConfig, load_config
-    from qcloop.monitor.method.run_folder import load_run_config
-    from qcloop.monitor.ops.monitor import MlflowModelRegistry, Monitor
-    from qcloop.monitor.ops.webhook import AlertmanagerWebhook, webhook_secret
-
     if (run_dir is None) == (model_spec is None):
         raise click.UsageError("give exactly one of --run RUN or --model PREFIX@ALIAS")
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
+    from qcloop.monitor.ops.monitor import Monitor
+
     file_cfg = load_config(config_file) if config_file else None
     out_dir.mkdir(parents=True, exist_ok=True)
-    cache_dir = out_dir.resolve() / "models"
-
-    def merged(run: Path) -> QcloopConfig:
-        """The run's configuration with the sections the --config file sets."""
-        cfg = load_run_config(run)
-        if file_cfg is None:
-            return cfg
-        return cfg.model_copy(update={k: getattr(file_cfg, k) for k in file_cfg.model_fields_set})
-
-    if run_dir is not None:
-        cfg = merged(run_dir)
-        registry, champions = MlflowModelRegistry.for_run(
-            run_dir, cfg, tracking_uri=tracking_uri, cache_dir=cache_dir
-        )
-    else:
-        assert model_spec is not None
-        probe = MlflowModelRegistry(
-            model_spec,
-            file_cfg or load_config(None),
-            tracking_uri=tracking_uri,
-            cache_dir=cache_dir,
-        )
-        champions = probe.champions()
-        cfg = merged(next(iter(champions.values())).run_dir)
-        registry = MlflowModelRegistry(
-            model_spec, cfg, tracking_uri=tracking_uri, cache_dir=cache_dir
-        )
+    cfg, registry, champions, follow = _models(
+        run_dir, model_spec, file_cfg, tracking_uri, out_dir.resolve() / "models"
+    )
+    if metrics_port is not None:
+        monitoring = cfg.monitoring.model_copy(update={"metrics_port": metrics_port})
+        cfg = cfg.model_copy(update={"monitoring": monitoring})
     refinement = None
     if file_cfg is not None and "refinement" in file_cfg.model_fields_set:
         refinement = file_cfg.refinement
@@ -157,29 +157,93 @@ def monitor(
         cfg,
         champions,
         registry=registry,
+        follow=follow,
         runtime=runtime,
         refinement=refinement,
         settle_s=settle_s,
         cooldown_s=cooldown_s,
         reload_poll_s=cfg.serving.reload_poll_s,
     )
-    servers = []
     try:
-        port = cfg.monitoring.metrics_port if metrics_port is None else metrics_port
-        if port:
-            server = mon.metrics.serve(cfg.monitoring.metrics_host, port)
-            servers.append(server)
-            click.echo(f"metrics: http://{server.host}:{server.port}/metrics", err=True)
+        _serve(mon, inbox, out_dir, webhook_port, poll_s, once)
+    finally:
+        mon.close()
+    click.echo(f"records: {out_dir / 'records.jsonl'}; ledger: {out_dir / 'ledger.jsonl'}")
+
+
+def _models(
+    run_dir: Path | None,
+    model_spec: str | None,
+    file_cfg: QcloopConfig | None,
+    tracking_uri: str | None,
+    cache_dir: Path,
+) -> tuple[QcloopConfig, ModelRegistry, dict[str, ModelRef], str]:
+    """The configuration, the model registry, the champions and the followed spec.
+
+    ``--run``: the run is registered where needed and made champion where a model has none;
+    the run's configuration (with the ``--config`` file's sections) picks the registry.
+    ``--model``: the registry of the ``--config`` file (default backend otherwise) resolves the
+    spec; the first champion's configuration, with the file's sections, applies.
+    """
+    from qcloop.monitor.core.plugin_manager import UnknownComponentError, apply_plugin_settings
+    from qcloop.monitor.core.resolve import build_model_registry
+    from qcloop.monitor.method.run_folder import load_run_config
+    from qcloop.monitor.ops.promotion import ensure_champion
+
+    def merged(run: Path) -> QcloopConfig:
+        """The run's configuration with the sections the --config file sets."""
+        cfg = load_run_config(run)
+        if file_cfg is None:
+            return cfg
+        return cfg.model_copy(update={k: getattr(file_cfg, k) for k in file_cfg.model_fields_set})
+
+    def registry_of(cfg: QcloopConfig) -> ModelRegistry:
+        apply_plugin_settings(cfg)
+        try:
+            return build_model_registry(cfg, uri=tracking_uri, cache_dir=cache_dir)
+        except UnknownComponentError as exc:
+            raise click.ClickException(f"registry.backend: {exc}") from None
+        except ImportError as exc:  # the backend's extra is not installed (the message says)
+            raise click.ClickException(str(exc)) from None
+
+    try:
+        if run_dir is not None:
+            cfg = merged(run_dir)
+            registry = registry_of(cfg)
+            prefix = cfg.registry.name_prefix
+            champions = ensure_champion(registry, run_dir, name_prefix=prefix)
+            return cfg, registry, champions, f"{prefix}@champion"
+        assert model_spec is not None
+        registry = registry_of(file_cfg or load_config(None))
+        champions = registry.resolve(model_spec)
+    except ValueError as exc:  # a run or spec the registry refuses (the message names it)
+        raise click.ClickException(str(exc)) from None
+    if not champions:
+        raise click.ClickException(f"--model {model_spec}: selects no registered model")
+    cfg = merged(Path(next(iter(champions.values())).run_dir))
+    return cfg, registry, champions, model_spec
+
+
+def _serve(
+    mon: Monitor, inbox: Path, out_dir: Path, webhook_port: int | None, poll_s: float, once: bool
+) -> None:
+    """Print where the monitor listens and what it serves, then run it until a signal."""
+    from qcloop.monitor.ops.webhook import AlertmanagerWebhook, webhook_secret
+
+    hook = None
+    try:
+        for name, url in sorted(mon.service.endpoints.items()):
+            click.echo(f"{name}: {url}", err=True)
         if webhook_port is not None:
-            secret = webhook_secret(cfg.monitoring.webhook_secret_env)
+            secret = webhook_secret(mon.cfg.monitoring.webhook_secret_env)
             hook = AlertmanagerWebhook(mon.receive_alert, secret, "127.0.0.1", webhook_port)
-            servers.append(hook.start())
+            hook.start()
             click.echo(f"alertmanager webhook: {hook.url}", err=True)
-        for view, state in sorted(mon.views.items()):
-            ref = state.reference_median
+        for view, served in sorted(mon.views.items()):
+            ref = served.reference_median
             click.echo(
-                f"{view}: {state.champion.name} version {state.champion.version} "
-                f"({state.champion.run_dir}), reference median pDC "
+                f"{view}: {served.champion.name} version {served.champion.version} "
+                f"({served.champion.run_dir}), reference median pDC "
                 + (f"{ref:.4f}" if ref is not None else "unknown"),
                 err=True,
             )
@@ -193,7 +257,5 @@ def monitor(
         signal.signal(signal.SIGINT, _stop)
         mon.run(poll_s, once=once)
     finally:
-        for server in reversed(servers):
-            server.close()
-        mon.close()
-    click.echo(f"records: {out_dir / 'records.jsonl'}; ledger: {out_dir / 'ledger.jsonl'}")
+        if hook is not None:
+            hook.close()

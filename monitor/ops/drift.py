@@ -1,5 +1,6 @@
-"""Rolling windows of scored cases, per view: the OoD fraction and median pseudo-Dice that the
-drift policy and the Prometheus gauges are computed from."""
+"""Drift arithmetic: a case's decision pDC, the rolling window of one view (its OoD fraction and
+median decision pDC) and the drift policy's limits and verdict. Pure computations; the window
+per view that services keep and publish is :class:`~qcloop.monitor.ops.windows.ViewWindows`."""
 
 from __future__ import annotations
 
@@ -10,18 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-
-@dataclass(frozen=True)
-class WindowStats:
-    """Summary of a window: ``n`` cases, fraction flagged OoD, median decision pDC."""
-
-    n: int
-    ood_fraction: float
-    median_pdc: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {"n": self.n, "ood_fraction": self.ood_fraction, "median_pdc": self.median_pdc}
+from qcloop.monitor.core.events import WindowStats
 
 
 def decision_pdc(record: dict[str, Any]) -> float:
@@ -43,22 +33,26 @@ def decision_pdc(record: dict[str, Any]) -> float:
 
 
 class RollingWindow:
-    """The last ``size`` cases of one view: (OoD flag, decision pDC) pairs."""
+    """The last ``size`` cases of one view: (OoD flag, decision pDC) pairs, each with an
+    optional payload (what the caller needs to know about the case, e.g. where its input is).
+
+    Not thread-safe on its own: :class:`~qcloop.monitor.ops.windows.ViewWindows` serialises it.
+    """
 
     def __init__(self, size: int) -> None:
         if size < 1:
             raise ValueError(f"window size must be >= 1, got {size}")
         self.size = int(size)
-        self._cases: deque[tuple[bool, float]] = deque(maxlen=self.size)
+        self._cases: deque[tuple[bool, float, Any]] = deque(maxlen=self.size)
 
     def __len__(self) -> int:
         return len(self._cases)
 
-    def add(self, ood: bool, pdc: float) -> None:
+    def add(self, ood: bool, pdc: float, item: Any = None) -> None:
         """Append one case (the oldest drops out when full)."""
         if not math.isfinite(pdc):
             raise ValueError(f"non-finite pDC {pdc!r}")
-        self._cases.append((bool(ood), float(pdc)))
+        self._cases.append((bool(ood), float(pdc), item))
 
     def add_record(self, record: dict[str, Any]) -> None:
         """Append a case from its JSON record."""
@@ -73,13 +67,21 @@ class RollingWindow:
         """Forget every case (after a refinement the window starts again)."""
         self._cases.clear()
 
+    def pairs(self) -> list[tuple[bool, float]]:
+        """The (OoD flag, decision pDC) of every case, oldest first."""
+        return [(ood, pdc) for ood, pdc, _ in self._cases]
+
+    def items(self) -> list[Any]:
+        """The payload of every case, oldest first (``None`` where none was given)."""
+        return [item for _, _, item in self._cases]
+
     def stats(self) -> WindowStats:
         """Size, OoD fraction and median pDC of the window (fraction 0 and no median if empty)."""
         n = len(self._cases)
         if n == 0:
             return WindowStats(0, 0.0, None)
-        flagged = sum(1 for ood, _ in self._cases if ood)
-        median = statistics.median(p for _, p in self._cases)
+        flagged = sum(1 for ood, _, _ in self._cases if ood)
+        median = statistics.median(p for _, p, _ in self._cases)
         return WindowStats(n, flagged / n, float(median))
 
 

@@ -1,1 +1,2 @@
-"""Prometheus integration: QC drift metrics fed by the event hooks."""
+"""Prometheus integration: per-service QC-drift and HTTP metrics, fed only by the event hooks
+(:mod:`~qcloop.plugins.prometheus.exporter` is the plugin)."""

@@ -1,0 +1,205 @@
+"""One inbox file taken by the monitor: scored and filed, finished (a move a crash interrupted),
+moved aside as a duplicate, or rejected with its reason.
+
+A scored case's work, in order: score, write the mask, append the record, append the ledger
+entry, move the input to ``OUT/processed/<VIEW>/NNNNNN/`` (M&Ms-2 layout), broadcast
+``CaseScored``. A rejected input goes to ``OUT/rejected/`` with ``<name>.reason.txt``, a
+``rejected`` ledger event and a ``CaseFailed`` event naming the stage (``read``, ``score``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qcloop.monitor.core import atomic
+from qcloop.monitor.core.atomic import sha256_file
+from qcloop.monitor.core.events import CaseFailed, CaseScored
+from qcloop.monitor.data import Case, CaseError, CaseSource
+from qcloop.monitor.ops.files import free_name, move_file, nifti_suffix, stem_of
+from qcloop.monitor.ops.inbox import InboxCase, read_identity, sidecar_of
+from qcloop.monitor.ops.ledger import Ledger, utc_now
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qcloop.monitor.core.plugin_manager import QcloopPluginManager
+    from qcloop.monitor.ops.scoring import CaseResult, OnlineScorer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Intake", "Taken"]
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class Taken:
+    """What became of one inbox file: ``outcome`` (``scored``, ``rejected``, ``recovered``,
+    ``duplicate``, ``vanished``) and, for a scored case, its ledger entry."""
+
+    outcome: str
+    entry: dict[str, Any] | None = None
+
+
+class Intake:
+    """Takes inbox files into the monitor's output folder.
+
+    Args:
+        out: the output folder.
+        ledger: the monitor's records and ledger.
+        pm: the plugin manager events go through.
+        service: the monitor's service id (copied into the events).
+    """
+
+    def __init__(
+        self, out: Path, ledger: Ledger, pm: QcloopPluginManager, service: str | None = None
+    ) -> None:
+        self.out = out
+        self.ledger = ledger
+        self.service = service
+        self._pm = pm
+
+    def take(self, path: Path, scorers: Mapping[str, OnlineScorer]) -> Taken:
+        """Score ``path`` with the scorer of its view (the served views are ``scorers``'
+        keys), or finish, set aside or reject it."""
+        try:
+            sha = sha256_file(path)
+        except FileNotFoundError:
+            return Taken("vanished")
+        if self.ledger.known(sha) is not None:
+            return Taken(self._finish_known(path, sha))
+        try:
+            ident = read_identity(path)
+        except CaseError as exc:
+            return Taken(self.reject(path, sidecar_of(path), "read", exc.reason))
+        if ident.view not in scorers:
+            served = ", ".join(sorted(scorers))
+            reason = f"a {ident.view} case; this monitor serves {served}"
+            return Taken(self.reject(path, ident.sidecar, "read", reason))
+        from qcloop.monitor.data import load_case
+
+        try:
+            case = load_case(_source(ident))
+        except CaseError as exc:
+            return Taken(self.reject(path, ident.sidecar, "read", exc.reason, ident.view))
+        try:
+            result = scorers[ident.view].score(case)
+        except CaseError as exc:
+            return Taken(self.reject(path, ident.sidecar, "score", exc.reason, ident.view))
+        except Exception as exc:  # a scoring failure must not stop the loop
+            log.exception("%s: scoring failed", path)
+            reason = f"scoring failed: {exc!r}"
+            return Taken(self.reject(path, ident.sidecar, "score", reason, ident.view))
+        return Taken("scored", self._file_scored(ident, sha, case, result))
+
+    def _file_scored(
+        self, ident: InboxCase, sha: str, case: Case, result: CaseResult
+    ) -> dict[str, Any]:
+        """Write the mask, record and ledger entry of a scored case, move its input in and
+        broadcast it; returns its ledger entry."""
+        from qcloop.monitor.data import save_label_map
+
+        path, view = ident.path, ident.view
+        seq = self.ledger.seq + 1
+        case_id = f"{_SAFE.sub('_', stem_of(path.name))[:80]}-{sha[:10]}"
+        phase_file = ident.phase if ident.phase in ("ED", "ES") else "ED"
+        ext = nifti_suffix(path.name) or ".nii.gz"
+        processed = f"processed/{view}/{seq:06d}/{seq:06d}_{view}_{phase_file}{ext}"
+        mask = self.out / "masks" / f"{case_id}_pred.nii.gz"
+        save_label_map(mask, result.labels, case)
+        record = dict(result.record)
+        record.update(
+            {
+                "image": str(self.out / processed),
+                "source_file": path.name,
+                "case_id": case_id,
+                "seq": seq,
+                "sha256": sha,
+                "processed": processed,
+                "mask": str(mask),
+                "scored_at": utc_now(),
+            }
+        )
+        entry = self.ledger.add_case(record)
+        self._move_in(path, ident.sidecar, entry)
+        self._pm.emit(CaseScored(record, service=self.service))
+        log.info(
+            "%s: %s %s scored (OoD %s, decision pDC %.3f)",
+            case_id,
+            view,
+            ident.phase,
+            entry["ood"],
+            entry["decision_pdc"],
+        )
+        return entry
+
+    def _move_in(self, path: Path, sidecar: Path | None, entry: dict[str, Any]) -> None:
+        target = self.out / entry["processed"]
+        move_file(path, target)
+        if sidecar is not None and sidecar.exists():
+            move_file(sidecar, target.with_name(f"{stem_of(target.name)}.source.json"))
+
+    def _finish_known(self, path: Path, sha: str) -> str:
+        """An input whose content the ledger knows: finish its move, or set it aside."""
+        entry = self.ledger.done[sha]
+        target = self.out / entry["processed"]
+        sidecar = sidecar_of(path)
+        if not target.exists():
+            log.warning("%s: already scored as %s; finishing its move", path, entry["case_id"])
+            self._move_in(path, sidecar, entry)
+            return "recovered"
+        dup = free_name(self.out / "duplicates", path.name, sha[:10])
+        log.warning(
+            "%s: same content as %s (scored before); moved to %s", path, entry["case_id"], dup
+        )
+        move_file(path, dup)
+        if sidecar is not None:
+            move_file(sidecar, dup.with_name(f"{stem_of(dup.name)}.json"))
+        return "duplicate"
+
+    def reject(
+        self,
+        path: Path,
+        sidecar: Path | None,
+        stage: str,
+        reason: str,
+        view: str | None = None,
+    ) -> str:
+        """Move an input that cannot be scored to ``rejected/`` with its reason; returns
+        ``"rejected"``."""
+        target = free_name(self.out / "rejected", path.name, utc_now().replace(":", ""))
+        atomic.write_text(Path(f"{target}.reason.txt"), f"{path.name}: {reason}\n")
+        with contextlib.suppress(FileNotFoundError):
+            move_file(path, target)
+        if sidecar is not None and sidecar.exists():
+            move_file(sidecar, target.with_name(f"{stem_of(target.name)}.json"))
+        self.ledger.append(
+            {
+                "event": "rejected",
+                "source_file": path.name,
+                "stage": stage,
+                "reason": reason,
+                "rejected": str(target),
+                "time": utc_now(),
+            }
+        )
+        self._pm.emit(CaseFailed(stage, reason, path.name, view, service=self.service))
+        log.warning("%s: rejected (%s): %s", path.name, stage, reason)
+        return "rejected"
+
+
+def _source(ident: InboxCase) -> CaseSource:
+    """The case source of an identified inbox file."""
+    return CaseSource(
+        subject=ident.metadata.get("subject") or stem_of(ident.path.name),
+        view=ident.view,
+        phase=ident.phase,
+        image_path=ident.path,
+        gt_path=None,
+        metadata={k: v for k, v in ident.metadata.items() if k != "subject"},
+        layout="inbox",
+    )

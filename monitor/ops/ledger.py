@@ -1,0 +1,260 @@
+"""The durable state of ``qcloop monitor``: ``OUT/records.jsonl`` (one QC record per scored case)
+and ``OUT/ledger.jsonl`` (processed cases by content hash, rejections, window resets, alerts,
+refinements), both append-only JSONL, and what a restart reads back from them.
+
+Each line of a :class:`JsonlLog` is written with one ``write`` of a whole line followed by
+``fsync``. Opening a log repairs it: a last line without its newline (a crash in the middle of
+an append) is cut off with a warning, so readers never see a torn line and appends always
+start on a fresh line. A record is appended before its ledger entry, so a crash between the two
+leaves a record without an entry; :class:`Ledger` adds the entry when it opens.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qcloop.monitor.ops.drift import decision_pdc
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "JsonlLog",
+    "Ledger",
+    "LedgerError",
+    "ViewHistory",
+    "WindowCase",
+    "case_entry",
+    "utc_now",
+]
+
+#: Ledger events that end the refinement an alert queued.
+REFINEMENT_EVENTS = ("refinement", "refinement_failed", "refinement_skipped")
+
+
+def utc_now() -> str:
+    """The current UTC time, ISO 8601 to the second (the time stamp of records and events)."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class LedgerError(ValueError):
+    """A state file of the monitor that cannot be trusted (names the file, line and problem)."""
+
+
+class JsonlLog:
+    """An append-only file of JSON objects, one per line, safe across crashes.
+
+    Args:
+        path: the file (created on first append).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._repair()
+
+    def _repair(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if not data or data.endswith(b"\n"):
+            return
+        keep = data.rfind(b"\n") + 1
+        log.warning(
+            "%s: cutting off a torn last line of %d bytes (an append interrupted by a crash)",
+            self.path,
+            len(data) - keep,
+        )
+        with open(self.path, "r+b") as fh:
+            fh.truncate(keep)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read(self) -> list[dict[str, Any]]:
+        """Every object in file order; ``LedgerError`` for a line that is not a JSON object."""
+        if not self.path.exists():
+            return []
+        out = []
+        with open(self.path, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError as exc:
+                    raise LedgerError(f"{self.path}: line {number} is not JSON ({exc})") from None
+                if not isinstance(obj, dict):
+                    raise LedgerError(f"{self.path}: line {number} is not a JSON object")
+                out.append(obj)
+        return out
+
+    def append(self, obj: dict[str, Any]) -> None:
+        """Append one object as one line and fsync (NaN and inf are refused)."""
+        line = (json.dumps(obj, allow_nan=False, separators=(",", ":")) + "\n").encode()
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                view = memoryview(line)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+@dataclass(frozen=True)
+class WindowCase:
+    """One scored case as a view's rolling window holds it (from its ledger ``case`` entry)."""
+
+    seq: int
+    case_id: str
+    phase: str
+    vendor: str
+    processed: str
+    ood: bool
+    pdc: float
+
+    @classmethod
+    def from_entry(cls, entry: dict[str, Any]) -> WindowCase:
+        """From a ledger ``case`` entry."""
+        return cls(
+            int(entry["seq"]),
+            str(entry["case_id"]),
+            str(entry.get("phase", "unknown")),
+            str(entry.get("vendor", "")),
+            str(entry["processed"]),
+            bool(entry["ood"]),
+            float(entry["decision_pdc"]),
+        )
+
+
+def case_entry(record: dict[str, Any]) -> dict[str, Any]:
+    """The ledger ``case`` entry of a scored case's record."""
+    return {
+        "event": "case",
+        "sha256": record["sha256"],
+        "seq": int(record["seq"]),
+        "case_id": record["case_id"],
+        "view": record["view"],
+        "phase": record.get("phase", "unknown"),
+        "vendor": record.get("vendor", ""),
+        "source_file": record["source_file"],
+        "processed": record["processed"],
+        "mask": record["mask"],
+        "ood": bool(record.get("ood")),
+        "decision_pdc": decision_pdc(record),
+        "model_version": str((record.get("model") or {}).get("version", "")),
+        "time": record.get("scored_at", utc_now()),
+    }
+
+
+@dataclass
+class ViewHistory:
+    """What a restart recovers for one view from the ledger: the cases of its current window
+    (since the last reset, scored by the current model), its last alert, and whether the
+    refinement that alert queued has finished."""
+
+    cases: list[WindowCase] = field(default_factory=list)
+    last_alert: dict[str, Any] | None = None
+    alert_finished: bool = False
+
+    @property
+    def last_alert_time(self) -> float | None:
+        """Unix time of the last alert (``None``: none)."""
+        return None if self.last_alert is None else float(self.last_alert.get("unix_time", 0.0))
+
+    @property
+    def cases_since_alert(self) -> int:
+        """Cases of the current window scored after the last alert."""
+        if self.last_alert is None:
+            return 0
+        return sum(1 for c in self.cases if c.seq > self.last_alert.get("seq", 0))
+
+    def unfinished_alert(self, view: str) -> dict[str, Any] | None:
+        """The alert whose refinement was queued but never finished (a crash), else ``None``."""
+        alert = self.last_alert
+        if alert is None or not alert.get("refine") or self.alert_finished:
+            return None
+        return alert.get("alert") or {"view": view}
+
+
+class Ledger:
+    """The monitor's records and ledger in ``out``, read back (and repaired) on opening.
+
+    Attributes:
+        done: ledger ``case`` entries by the input's content hash.
+        seq: the sequence number of the last scored case.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.records = JsonlLog(Path(out) / "records.jsonl")
+        self.events = JsonlLog(Path(out) / "ledger.jsonl")
+        self.done: dict[str, dict[str, Any]] = {}
+        self.seq = 0
+        self._opened = self._recover()
+
+    def _recover(self) -> list[dict[str, Any]]:
+        """Read the ledger; add entries for records a crash left without one."""
+        entries = self.events.read()
+        for e in entries:
+            if e.get("event") == "case":
+                self._remember(e)
+        for rec in self.records.read():
+            sha = rec.get("sha256")
+            if sha and sha not in self.done:
+                entry = case_entry(rec)
+                log.warning("%s: record without ledger entry (crash); recovered", rec["case_id"])
+                self.events.append(entry)
+                entries.append(entry)
+                self._remember(entry)
+        return entries
+
+    def _remember(self, entry: dict[str, Any]) -> None:
+        self.done[entry["sha256"]] = entry
+        self.seq = max(self.seq, int(entry["seq"]))
+
+    def known(self, sha: str) -> dict[str, Any] | None:
+        """The ledger entry of an input with this content hash, if it was scored."""
+        return self.done.get(sha)
+
+    def add_case(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Append a scored case's record, then its ledger entry; returns the entry."""
+        self.records.append(record)
+        entry = case_entry(record)
+        self.events.append(entry)
+        self._remember(entry)
+        return entry
+
+    def append(self, event: dict[str, Any]) -> None:
+        """Append one ledger event (``rejected``, ``alert``, ``window_reset``, ...)."""
+        self.events.append(event)
+
+    def history(self, view: str, model_version: str) -> ViewHistory:
+        """What the ledger held for ``view`` when it was opened, for a model of
+        ``model_version`` (a model promoted while the monitor was stopped starts a new
+        window)."""
+        history = ViewHistory()
+        for e in self._opened:
+            if e.get("view") != view:
+                continue
+            kind = e.get("event")
+            if kind == "case":
+                if str(e.get("model_version")) != model_version:
+                    history.cases.clear()
+                    continue
+                history.cases.append(WindowCase.from_entry(e))
+            elif kind == "window_reset":
+                history.cases.clear()
+            elif kind == "alert":
+                history.last_alert, history.alert_finished = e, False
+            elif kind in REFINEMENT_EVENTS and history.last_alert is not None:
+                history.alert_finished = True
+        return history

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from qcloop.monitor.core.config import QcloopConfig
-from qcloop.monitor.ops.registry import default_tracking_uri
+from qcloop.plugins.mlflow.store import default_tracking_uri
 from qcloop.plugins.mlflow.tracker import MlflowTracker, TrackingError, metric_key
 from tests.conftest import tiny_run_config
 
@@ -62,7 +65,7 @@ def test_the_plugin_registers_the_tracker_and_the_config_selects_it(in_workdir: 
     from qcloop.monitor.core.tracking import make_tracker
 
     trackers = get_plugin_manager().trackers()
-    assert trackers.plugin_of("mlflow") == "qcloop.plugins.mlflow.tracker"
+    assert trackers.plugin_of("mlflow") == "qcloop.plugins.mlflow.plugin"
     cfg = QcloopConfig.model_validate(
         {"tracking": {"tracker": {"name": "mlflow", "params": {"experiment": "cfg"}}}}
     )
@@ -70,6 +73,47 @@ def test_the_plugin_registers_the_tracker_and_the_config_selects_it(in_workdir: 
     assert isinstance(tracker, MlflowTracker) and tracker.experiment == "cfg"
     with pytest.raises(ValueError, match="experiment must be a non-empty string"):
         MlflowTracker(experiment="")
+
+
+def test_the_plugin_registers_the_model_registry_with_the_default_store(
+    in_workdir: Path, tmp_path: Path
+) -> None:
+    from qcloop.monitor.core.plugin_manager import get_plugin_manager
+    from qcloop.monitor.core.resolve import build_model_registry
+    from qcloop.plugins.mlflow.registry import MlflowRegistry
+
+    assert get_plugin_manager().model_registries().plugin_of("mlflow") == (
+        "qcloop.plugins.mlflow.plugin"
+    )
+    registry = build_model_registry(QcloopConfig())
+    assert isinstance(registry, MlflowRegistry) and registry.uri == default_tracking_uri()
+    cfg = QcloopConfig.model_validate({"registry": {"uri": "sqlite:///r.db"}})
+    assert build_model_registry(cfg).uri == "sqlite:///r.db"
+    chosen = build_model_registry(cfg, uri="sqlite:///cli.db", cache_dir=tmp_path)
+    assert chosen.uri == "sqlite:///cli.db" and chosen.cache_dir == tmp_path
+
+
+def test_without_mlflow_the_plugin_loads_and_building_names_the_extra(
+    in_workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from qcloop.monitor.cli.main import cli
+    from qcloop.monitor.core.optional import MissingExtraError
+    from qcloop.plugins.mlflow.registry import MlflowRegistry
+
+    modules = ", ".join(f"qcloop.plugins.mlflow.{m}" for m in ("plugin", "registry", "tracker"))
+    code = f"import sys; sys.modules['mlflow'] = None; import {modules}"
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert imported.returncode == 0, imported.stderr
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    extra = re.escape("pip install 'qcloop[mlflow]'")
+    with pytest.raises(MissingExtraError, match=f"MLflow model registry needs .*{extra}"):
+        MlflowRegistry()
+    with pytest.raises(MissingExtraError, match=f"MLflow tracker needs .*{extra}"):
+        MlflowTracker()
+    result = CliRunner().invoke(cli, ["models", "list"])
+    assert result.exit_code != 0 and "pip install 'qcloop[mlflow]'" in result.output
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""The model registry against a real MLflow tracking server: registration, the promotion gate,
-aliases by ``models:/`` spec, rollback, atomicity under a crash, the CLI and bad input."""
+"""The MLflow model registry plugin against a real MLflow tracking server, driven by the core's
+lifecycle (``qcloop.monitor.ops.promotion``): registration, the promotion gate, aliases by
+``models:/`` spec, rollback, atomicity under a crash, the CLI and bad input."""
 
 from __future__ import annotations
 
@@ -17,8 +18,13 @@ from click.testing import CliRunner
 
 from qcloop.monitor import hookimpl
 from qcloop.monitor.cli.main import cli
+from qcloop.monitor.core.config import QcloopConfig
+from qcloop.monitor.core.events import ModelVersionPromoted, ModelVersionRegistered
 from qcloop.monitor.core.plugin_manager import get_plugin_manager, reset_plugin_manager
-from qcloop.monitor.ops import registry as reg
+from qcloop.monitor.core.resolve import build_model_registry
+from qcloop.monitor.ops import promotion
+from qcloop.monitor.ops import run_package as pkg
+from qcloop.plugins.mlflow.registry import CACHE_ENV, REGISTRY_EXPERIMENT, MlflowRegistry
 from tests.mlflow_server import MlflowServer, mlflow_server  # noqa: F401
 
 #: The drift window: two subjects of shifted vendor B (small, so refinement takes seconds).
@@ -33,20 +39,18 @@ class Events:
         self.promoted: list[tuple[str, str, str, str | None]] = []
 
     @hookimpl
-    def on_model_version_registered(self, name: str, version: str, tags: dict[str, str]) -> None:
-        self.registered.append((name, version))
+    def on_model_version_registered(self, event: ModelVersionRegistered) -> None:
+        self.registered.append((event.name, event.version))
 
     @hookimpl
-    def on_model_version_promoted(
-        self, name: str, version: str, alias: str, previous_version: str | None
-    ) -> None:
-        self.promoted.append((name, version, alias, previous_version))
+    def on_model_version_promoted(self, event: ModelVersionPromoted) -> None:
+        self.promoted.append((event.name, event.version, event.alias, event.previous_version))
 
 
 @pytest.fixture
 def events(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
     """A fresh plugin manager with the listener registered; downloads cached under tmp_path."""
-    monkeypatch.setenv(reg.CACHE_ENV, str(tmp_path / "model-cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "model-cache"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     reset_plugin_manager()
     listener = Events()
@@ -59,6 +63,14 @@ def events(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
 def prefix() -> str:
     """A registered-model prefix of its own for each test (the server is shared)."""
     return f"t{uuid.uuid4().hex[:8]}"
+
+
+def _registry(uri: str, cache_dir: Path | None = None) -> MlflowRegistry:
+    """The configured (default) registry backend at ``uri``: the plugin's MlflowRegistry."""
+    params = {} if cache_dir is None else {"cache_dir": cache_dir}
+    registry = build_model_registry(QcloopConfig(), uri=uri, **params)
+    assert isinstance(registry, MlflowRegistry) and registry.uri == uri
+    return registry
 
 
 def _copy_run(src: Path, dst: Path) -> Path:
@@ -128,14 +140,15 @@ def test_refined_challenger_is_gated_promoted_loaded_and_rolled_back(
     from qcloop.monitor.ops.scoring import load_online_scorers
 
     uri = mlflow_server.uri
+    registry = _registry(uri)
     run = _copy_run(tiny_run, tmp_path / "run")
-    champions = reg.ensure_champion(run, name_prefix=prefix, tracking_uri=uri)
+    champions = promotion.ensure_champion(registry, run, name_prefix=prefix)
     assert {v: r.version for v, r in champions.items()} == {"SA": "1", "LA": "1"}
     assert champions["SA"].aliases == ["champion"]
     # the run itself holds exactly this version: no download
     assert champions["SA"].run_dir.resolve() == run.resolve()
     # idempotent: the same run is found by its digest, nothing new is registered
-    again = reg.ensure_champion(run, name_prefix=prefix, tracking_uri=uri)
+    again = promotion.ensure_champion(registry, run, name_prefix=prefix)
     assert {v: r.version for v, r in again.items()} == {"SA": "1", "LA": "1"}
     assert sorted(events.registered) == [(f"{prefix}-LA", "1"), (f"{prefix}-SA", "1")]
 
@@ -144,13 +157,8 @@ def test_refined_challenger_is_gated_promoted_loaded_and_rolled_back(
     window = _window(tiny_cohort, tmp_path / "window")
     margin = 0.05
     cfg = _config(run, prefix, "auto", margin)
-    result = reg.register_and_gate(
-        refined,
-        champions,
-        cfg,
-        window_dir=window,
-        tags={"qcloop.trigger": "test"},
-        tracking_uri=uri,
+    result = promotion.register_and_gate(
+        registry, refined, champions, cfg, window_dir=window, tags={"qcloop.trigger": "test"}
     )
     sa = result["SA"]
     gate = sa["gate"]
@@ -165,7 +173,7 @@ def test_refined_challenger_is_gated_promoted_loaded_and_rolled_back(
     assert events.promoted[-1] == (f"{prefix}-SA", "2", "champion", "1")
 
     # models:/PREFIX-SA@champion now loads the refined files
-    refs = reg.resolve_model(f"{prefix}@champion", tracking_uri=uri, cache_dir=tmp_path / "cache")
+    refs = _registry(uri, tmp_path / "cache").resolve(f"{prefix}@champion")
     assert {v: r.version for v, r in refs.items()} == {"SA": "2", "LA": "1"}
     sa_ref = refs["SA"]
     assert sa_ref.run_dir.is_relative_to(tmp_path / "cache")
@@ -181,25 +189,25 @@ def test_refined_challenger_is_gated_promoted_loaded_and_rolled_back(
         "run.json",
     ):
         assert _sha(sa_ref.run_dir / name) == _sha(refined / name)
-    assert sa_ref.tags[reg.TAG_PARENT_VERSION] == "1"
-    assert sa_ref.tags[reg.TAG_GATE_PASSED] == "true"
+    assert sa_ref.tags[promotion.TAG_PARENT_VERSION] == "1"
+    assert sa_ref.tags[promotion.TAG_GATE_PASSED] == "true"
     assert sa_ref.tags["qcloop.trigger"] == "test"
     assert sa_ref.tags["qcloop.data_window"] == str(tiny_cohort.resolve())
     assert sa_ref.tags["qcloop.window_cases"] == "4"
-    single = reg.resolve_model(f"models:/{prefix}-SA@champion", tracking_uri=uri)
+    single = registry.resolve(f"models:/{prefix}-SA@champion")
     assert single["SA"].version == "2"
     case = load_case(discover(window, views="SA")[0])
     scorer = load_online_scorers(sa_ref.run_dir, ["SA"], model_info=sa_ref.to_dict())["SA"]
     assert scorer.score(case).record["model"]["version"] == "2"
-    assert reg.alias_versions(f"{prefix}@champion", tracking_uri=uri) == {"SA": "2", "LA": "1"}
-    assert reg.alias_versions(f"{prefix}-SA@previous-champion", tracking_uri=uri) == {"SA": "1"}
+    assert registry.alias_versions(f"{prefix}@champion") == {"SA": "2", "LA": "1"}
+    assert registry.alias_versions(f"{prefix}-SA@previous-champion") == {"SA": "1"}
 
-    back = reg.rollback(f"{prefix}-SA", tracking_uri=uri)
+    back = promotion.rollback(registry, f"{prefix}-SA").ref
     assert back.version == "1"
     assert events.promoted[-1] == (f"{prefix}-SA", "1", "champion", "2")
-    assert reg.alias_versions(f"{prefix}@champion", tracking_uri=uri) == {"SA": "1", "LA": "1"}
-    with pytest.raises(reg.RegistryError, match="no previous champion"):
-        reg.rollback(f"{prefix}-SA", tracking_uri=uri)
+    assert registry.alias_versions(f"{prefix}@champion") == {"SA": "1", "LA": "1"}
+    with pytest.raises(pkg.RegistryError, match="no previous champion"):
+        promotion.rollback(registry, f"{prefix}-SA")
 
     listed = CliRunner().invoke(
         cli, ["models", "list", "--prefix", prefix, "--tracking-uri", uri, "--json"]
@@ -208,12 +216,12 @@ def test_refined_challenger_is_gated_promoted_loaded_and_rolled_back(
     rows = {(r["name"], r["version"]): r for r in json.loads(listed.output)}
     assert rows[(f"{prefix}-SA", "1")]["aliases"] == ["champion"]
     assert rows[(f"{prefix}-SA", "2")]["gate"]["passed"] is True
-    assert rows[(f"{prefix}-SA", "2")]["tags"][reg.TAG_ROLLED_BACK]
+    assert rows[(f"{prefix}-SA", "2")]["tags"][promotion.TAG_ROLLED_BACK]
     promoted = CliRunner().invoke(
         cli, ["models", "promote", f"{prefix}-SA", "2", "--tracking-uri", uri]
     )
     assert promoted.exit_code == 0, promoted.output
-    assert reg.alias_versions(f"{prefix}-SA@champion", tracking_uri=uri) == {"SA": "2"}
+    assert registry.alias_versions(f"{prefix}-SA@champion") == {"SA": "2"}
 
 
 def test_failed_gate_under_approve_waits_and_cli_refuses_without_force(
@@ -225,36 +233,37 @@ def test_failed_gate_under_approve_waits_and_cli_refuses_without_force(
     prefix: str,
 ) -> None:
     uri = mlflow_server.uri
+    registry = _registry(uri)
     run = _copy_run(tiny_run, tmp_path / "run")
-    champions = reg.ensure_champion(run, name_prefix=prefix, tracking_uri=uri)
+    champions = promotion.ensure_champion(registry, run, name_prefix=prefix)
     # the champion's own files as challenger: equal OoD counts and median pDC, so QC fails
     same = _copy_run(tiny_run, tmp_path / "same")
     window = _window(tiny_cohort, tmp_path / "window")
     cfg = _config(run, prefix, "approve", 0.01)
-    result = reg.register_and_gate(
-        same, {"SA": champions["SA"]}, cfg, window_dir=window, tags={}, tracking_uri=uri
+    result = promotion.register_and_gate(
+        registry, same, {"SA": champions["SA"]}, cfg, window_dir=window, tags={}
     )
     gate = result["SA"]["gate"]
     assert gate["passed"] is False and result["SA"]["promoted"] is False
     assert gate["figures"]["challenger_ood"] == gate["figures"]["champion_ood"]
     assert gate["figures"]["val_dice_drop"] == pytest.approx(0.0, abs=1e-12)
     assert any("fails" in r for r in gate["reasons"])
-    assert reg.alias_versions(f"{prefix}-SA@champion", tracking_uri=uri) == {"SA": "1"}
-    assert reg.alias_versions(f"{prefix}-SA@challenger", tracking_uri=uri) == {"SA": "2"}
+    assert registry.alias_versions(f"{prefix}-SA@champion") == {"SA": "1"}
+    assert registry.alias_versions(f"{prefix}-SA@challenger") == {"SA": "2"}
     assert not [p for p in events.promoted if p[1] == "2"]
 
     args = ["models", "promote", f"{prefix}-SA", "2", "--tracking-uri", uri]
     refused = CliRunner().invoke(cli, args)
     assert refused.exit_code != 0
     assert "failed the promotion gate" in refused.output
-    assert reg.alias_versions(f"{prefix}-SA@champion", tracking_uri=uri) == {"SA": "1"}
+    assert registry.alias_versions(f"{prefix}-SA@champion") == {"SA": "1"}
     forced = CliRunner().invoke(cli, [*args, "--force"])
     assert forced.exit_code == 0, forced.output
-    assert reg.alias_versions(f"{prefix}-SA@champion", tracking_uri=uri) == {"SA": "2"}
-    assert reg.alias_versions(f"{prefix}-SA@previous-champion", tracking_uri=uri) == {"SA": "1"}
+    assert registry.alias_versions(f"{prefix}-SA@champion") == {"SA": "2"}
+    assert registry.alias_versions(f"{prefix}-SA@previous-champion") == {"SA": "1"}
     # the challenger alias went with the promotion
-    with pytest.raises(reg.RegistryError, match="no version carries alias 'challenger'"):
-        reg.alias_versions(f"{prefix}-SA@challenger", tracking_uri=uri)
+    with pytest.raises(pkg.RegistryError, match="no version carries alias 'challenger'"):
+        registry.alias_versions(f"{prefix}-SA@challenger")
 
 
 # --------------------------------------------------------------------------- atomicity
@@ -273,8 +282,9 @@ def test_a_crash_before_the_alias_leaves_it_on_the_old_version(
     from mlflow import MlflowClient
 
     uri = mlflow_server.uri
+    registry = _registry(uri)
     run = _copy_run(tiny_run, tmp_path / "run")
-    reg.register_run(run, name_prefix=prefix, alias="champion", tracking_uri=uri, views=["SA"])
+    promotion.register(registry, run, name_prefix=prefix, alias="champion", views=["SA"])
     (run / "SA" / "qc.pt").write_bytes((run / "SA" / "qc.pt").read_bytes() + b"\0")  # new content
 
     def crash(*args: Any, **kwargs: Any) -> Any:
@@ -282,10 +292,10 @@ def test_a_crash_before_the_alias_leaves_it_on_the_old_version(
 
     with monkeypatch.context() as patched, pytest.raises(RuntimeError, match="simulated crash"):
         patched.setattr(MlflowClient, crash_in, crash)
-        reg.register_run(run, name_prefix=prefix, alias="champion", tracking_uri=uri)
+        promotion.register(registry, run, name_prefix=prefix, alias="champion")
 
-    assert reg.alias_versions(f"{prefix}@champion", tracking_uri=uri) == {"SA": "1"}
-    refs = reg.resolve_model(f"{prefix}@champion", tracking_uri=uri, cache_dir=tmp_path / "c")
+    assert registry.alias_versions(f"{prefix}@champion") == {"SA": "1"}
+    refs = _registry(uri, tmp_path / "c").resolve(f"{prefix}@champion")
     assert _sha(refs["SA"].run_dir / "SA" / "qc.pt") == _sha(tiny_run / "SA" / "qc.pt")
     client = MlflowClient(uri, uri)
     versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{prefix}-SA'"))
@@ -293,8 +303,8 @@ def test_a_crash_before_the_alias_leaves_it_on_the_old_version(
     assert versions == ([1] if crash_in == "create_model_version" else [1, 2])
     if crash_in == "set_registered_model_alias":
         v2 = client.get_model_version(f"{prefix}-SA", "2")
-        assert v2.status == "READY" and v2.tags[reg.TAG_DIGEST] == reg.run_digest(run, "SA")
-    exp = client.get_experiment_by_name(reg.REGISTRY_EXPERIMENT)
+        assert v2.status == "READY" and v2.tags[pkg.TAG_DIGEST] == pkg.run_digest(run, "SA")
+    exp = client.get_experiment_by_name(REGISTRY_EXPERIMENT)
     statuses = [r.info.status for r in client.search_runs([exp.experiment_id])]
     if crash_in == "create_model_version":
         assert "FAILED" in statuses
@@ -311,8 +321,9 @@ def test_bad_specs_aliases_and_folders_are_clear_errors(
     prefix: str,
 ) -> None:
     uri = mlflow_server.uri
+    registry = _registry(uri)
     run = _copy_run(tiny_run, tmp_path / "run")
-    reg.register_run(run, name_prefix=prefix, alias="champion", tracking_uri=uri, views=["SA"])
+    promotion.register(registry, run, name_prefix=prefix, alias="champion", views=["SA"])
     cases = {
         "not a spec!": "expected PREFIX@ALIAS",
         f"{prefix}/1": "a version needs one model's name",
@@ -322,22 +333,22 @@ def test_bad_specs_aliases_and_folders_are_clear_errors(
         "nobody@champion": "no registered model 'nobody-SA' or 'nobody-LA'",
     }
     for spec, message in cases.items():
-        with pytest.raises(reg.RegistryError, match=message):
-            reg.resolve_model(spec, tracking_uri=uri)
-    with pytest.raises(reg.RegistryError, match="no previous champion"):
-        reg.rollback(f"{prefix}-SA", tracking_uri=uri)
-    with pytest.raises(reg.RegistryError, match="no registered model 'nobody-SA'"):
-        reg.promote("nobody-SA", "1", tracking_uri=uri)
+        with pytest.raises(pkg.RegistryError, match=message):
+            registry.resolve(spec)
+    with pytest.raises(pkg.RegistryError, match="no previous champion"):
+        promotion.rollback(registry, f"{prefix}-SA")
+    with pytest.raises(pkg.RegistryError, match="no registered model 'nobody-SA'"):
+        promotion.promote(registry, "nobody-SA", "1")
 
     (tmp_path / "empty").mkdir()
-    with pytest.raises(reg.RegistryError, match=r"config.yaml: missing - .* not a qcloop run"):
-        reg.register_run(tmp_path / "empty", tracking_uri=uri)
+    with pytest.raises(pkg.RegistryError, match=r"config.yaml: missing - .* not a qcloop run"):
+        promotion.register(registry, tmp_path / "empty", name_prefix="qcloop")
     broken = _copy_run(tiny_run, tmp_path / "broken")
     (broken / "SA" / "qc.pt").unlink()
-    with pytest.raises(reg.RegistryError, match=r"SA/qc.pt: missing file of the SA model set"):
-        reg.register_run(broken, tracking_uri=uri, views=["SA"])
-    with pytest.raises(reg.RegistryError, match="unknown view 'XX'"):
-        reg.register_run(run, tracking_uri=uri, views=["XX"])
+    with pytest.raises(pkg.RegistryError, match=r"SA/qc.pt: missing file of the SA model set"):
+        promotion.register(registry, broken, name_prefix="qcloop", views=["SA"])
+    with pytest.raises(pkg.RegistryError, match="unknown view 'XX'"):
+        promotion.register(registry, run, name_prefix="qcloop", views=["XX"])
 
     result = CliRunner().invoke(cli, ["models", "rollback", "nobody-SA", "--tracking-uri", uri])
     assert result.exit_code != 0 and "no registered model 'nobody-SA'" in result.output
@@ -355,8 +366,9 @@ def test_predict_and_assess_load_the_registered_champion_by_alias(
     prefix: str,
 ) -> None:
     uri = mlflow_server.uri
+    registry = _registry(uri)
     run = _copy_run(tiny_run, tmp_path / "run")
-    reg.register_run(run, name_prefix=prefix, alias="champion", tracking_uri=uri)
+    promotion.register(registry, run, name_prefix=prefix, alias="champion")
     data = _window(tiny_cohort, tmp_path / "window")
     out = tmp_path / "pred"
     result = CliRunner().invoke(

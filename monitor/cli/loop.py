@@ -104,7 +104,8 @@ _run_or_model = [
     ),
     click.option(
         "--tracking-uri",
-        help="MLflow tracking URI for --model (default sqlite:///<cwd>/mlflow.db).",
+        help="Where the registry for --model lives (MLflow: a tracking URI; default "
+        "MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db).",
     ),
 ]
 
@@ -123,12 +124,10 @@ def _models(
         raise click.UsageError("give exactly one of --run RUN or --model PREFIX@ALIAS")
     if run_dir is not None:
         return run_dir, None
-    from qcloop.monitor.ops.registry import RegistryError, resolve_model
+    from qcloop.monitor.cli.models import open_registry, registry_errors
 
-    try:
-        refs = resolve_model(str(model_spec), tracking_uri=tracking_uri)
-    except RegistryError as exc:
-        raise click.ClickException(str(exc)) from exc
+    with registry_errors():
+        refs = open_registry(tracking_uri).resolve(str(model_spec))
     for v, ref in sorted(refs.items()):
         click.echo(f"{v}: {ref.name} version {ref.version} ({', '.join(ref.aliases)})", err=True)
     runs = {v: ref.run_dir for v, ref in refs.items()}

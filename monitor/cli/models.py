@@ -1,4 +1,5 @@
-"""``qcloop models list | register | promote | rollback``: registered model versions in MLflow."""
+"""``qcloop models list | register | promote | rollback``: registered model versions, through
+the configured model-registry plugin (MLflow by default)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,24 @@ import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qcloop.monitor.core.interfaces import ModelRegistry
 
 _uri = click.option(
     "--tracking-uri",
     default=None,
-    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db).",
+    help="Where the registry lives (MLflow: a tracking URI; default: registry.uri, else "
+    "MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db).",
+)
+_config = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="YAML configuration whose registry section (backend, uri) applies.",
 )
 _json = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
@@ -27,25 +38,34 @@ KEY_TAGS = (
 
 
 @contextlib.contextmanager
-def _errors(tracking_uri: str | None) -> Iterator[None]:
-    """Registry and MLflow errors as one-line command errors naming the tracking store."""
-    from mlflow.exceptions import MlflowException
-
-    from qcloop.monitor.ops.registry import RegistryError, default_tracking_uri
+def registry_errors() -> Iterator[None]:
+    """Bad specs, models and versions, an unreachable store and a missing extra as one-line
+    command errors."""
+    from qcloop.monitor.core.optional import MissingExtraError
+    from qcloop.monitor.ops.run_package import RegistryUnavailableError
 
     try:
         yield
-    except RegistryError as exc:
+    except (ValueError, RegistryUnavailableError, MissingExtraError) as exc:
         raise click.ClickException(str(exc)) from exc
-    except MlflowException as exc:
-        uri = tracking_uri or default_tracking_uri()
-        raise click.ClickException(f"MLflow tracking store {uri}: {exc.message}") from exc
+
+
+def open_registry(tracking_uri: str | None, config_file: Path | None = None) -> ModelRegistry:
+    """The configured model registry (``registry.backend``, default MLflow) at
+    ``tracking_uri`` (default ``registry.uri``, else the backend's default)."""
+    from qcloop.monitor.core.config import load_config
+    from qcloop.monitor.core.plugin_manager import apply_plugin_settings
+    from qcloop.monitor.core.resolve import build_model_registry
+
+    cfg = load_config(config_file)
+    apply_plugin_settings(cfg)
+    return build_model_registry(cfg, uri=tracking_uri)
 
 
 @click.group()
 def models() -> None:
     """Registered model versions (one model per view, PREFIX-SA / PREFIX-LA) and their aliases
-    champion / challenger, in the MLflow registry."""
+    champion / challenger, in the configured model registry (MLflow by default)."""
 
 
 def _gate_text(row: dict[str, Any]) -> str:
@@ -58,13 +78,14 @@ def _gate_text(row: dict[str, Any]) -> str:
 @models.command("list")
 @click.option("--prefix", default=None, help="Only models named PREFIX-SA / PREFIX-LA.")
 @_uri
+@_config
 @_json
-def list_cmd(prefix: str | None, tracking_uri: str | None, as_json: bool) -> None:
+def list_cmd(
+    prefix: str | None, tracking_uri: str | None, config_file: Path | None, as_json: bool
+) -> None:
     """Every version, newest first: aliases, lineage tags and the gate's result."""
-    from qcloop.monitor.ops.registry import list_versions
-
-    with _errors(tracking_uri):
-        rows = list_versions(prefix, tracking_uri=tracking_uri)
+    with registry_errors():
+        rows = open_registry(tracking_uri, config_file).list_versions(prefix)
     if as_json:
         click.echo(json.dumps(rows, indent=2, allow_nan=False))
         return
@@ -103,19 +124,25 @@ def list_cmd(prefix: str | None, tracking_uri: str | None, as_json: bool) -> Non
     help="Alias given to the new versions (set after they are complete).",
 )
 @_uri
+@_config
 @_json
 def register_cmd(
-    run_dir: Path, prefix: str, alias: str, tracking_uri: str | None, as_json: bool
+    run_dir: Path,
+    prefix: str,
+    alias: str,
+    tracking_uri: str | None,
+    config_file: Path | None,
+    as_json: bool,
 ) -> None:
     """Register every view of RUN_DIR as a new version of PREFIX-<VIEW>."""
-    from qcloop.monitor.ops.registry import register_run
+    from qcloop.monitor.ops.promotion import register
 
-    with _errors(tracking_uri):
-        refs = register_run(
+    with registry_errors():
+        refs = register(
+            open_registry(tracking_uri, config_file),
             run_dir,
             name_prefix=prefix,
             alias=None if alias == "none" else alias,
-            tracking_uri=tracking_uri,
         )
     if as_json:
         click.echo(json.dumps({v: r.to_dict() for v, r in refs.items()}, indent=2))
@@ -130,22 +157,30 @@ def register_cmd(
 @click.option("--alias", default="champion", show_default=True, help="Alias to move.")
 @click.option("--force", is_flag=True, help="Promote even a version whose gate failed.")
 @_uri
+@_config
 @_json
 def promote_cmd(
-    name: str, version: str, alias: str, force: bool, tracking_uri: str | None, as_json: bool
+    name: str,
+    version: str,
+    alias: str,
+    force: bool,
+    tracking_uri: str | None,
+    config_file: Path | None,
+    as_json: bool,
 ) -> None:
     """Move ALIAS of model NAME to VERSION (refused when the version's gate failed)."""
-    from qcloop.monitor.ops.registry import TAG_GATE_PASSED, get_version, promote
+    from qcloop.monitor.ops.promotion import TAG_GATE_PASSED, promote
 
-    with _errors(tracking_uri):
-        row = get_version(name, version, tracking_uri=tracking_uri)
+    with registry_errors():
+        registry = open_registry(tracking_uri, config_file)
+        row = registry.get_version(name, version)
         if row["tags"].get(TAG_GATE_PASSED) == "false" and not force:
             reasons = "; ".join((row.get("gate") or {}).get("reasons", []))
             raise click.ClickException(
                 f"{name} version {version} failed the promotion gate ({reasons}); "
                 "use --force to promote it anyway"
             )
-        ref = promote(name, version, alias=alias, tracking_uri=tracking_uri)
+        ref = promote(registry, name, version, alias=alias).ref
     if as_json:
         click.echo(json.dumps(ref.to_dict(), indent=2))
     else:
@@ -155,13 +190,16 @@ def promote_cmd(
 @models.command("rollback")
 @click.argument("name")
 @_uri
+@_config
 @_json
-def rollback_cmd(name: str, tracking_uri: str | None, as_json: bool) -> None:
+def rollback_cmd(
+    name: str, tracking_uri: str | None, config_file: Path | None, as_json: bool
+) -> None:
     """Move the champion of model NAME back to the version it replaced."""
-    from qcloop.monitor.ops.registry import rollback
+    from qcloop.monitor.ops.promotion import rollback
 
-    with _errors(tracking_uri):
-        ref = rollback(name, tracking_uri=tracking_uri)
+    with registry_errors():
+        ref = rollback(open_registry(tracking_uri, config_file), name).ref
     if as_json:
         click.echo(json.dumps(ref.to_dict(), indent=2))
     else:

@@ -3,6 +3,7 @@
 Configured as ``tracking: {tracker: {name: mlflow, params: {tracking_uri: ..., experiment:
 ...}}}``. The tracking URI comes from ``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else a
 SQLite database in the working folder (``sqlite:///<cwd>/mlflow.db``: offline, no server).
+Needs the ``mlflow`` extra (``pip install 'qcloop[mlflow]'``).
 
 The tracker talks to MLflow through an ``MlflowClient`` (never the fluent, process-global
 ``mlflow.start_run`` state): a run started while another is open becomes its nested child.
@@ -14,12 +15,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from qcloop.plugins.mlflow.store import default_tracking_uri, make_client, require_mlflow
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +71,7 @@ class MlflowTracker:
         experiment: str = "qcloop",
         tags: Mapping[str, str] | None = None,
     ) -> None:
-        from qcloop.monitor.ops.registry import default_tracking_uri
-
+        require_mlflow("the MLflow tracker")
         if not isinstance(experiment, str) or not experiment.strip():
             raise ValueError("tracking.tracker.params.experiment must be a non-empty string")
         self.tracking_uri = tracking_uri or default_tracking_uri()
@@ -89,13 +90,7 @@ class MlflowTracker:
     def client(self) -> Any:
         """The ``MlflowClient`` (built on first use)."""
         if self._client is None:
-            # run URLs printed to stdout would mix with the commands' own output
-            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient(
-                tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri
-            )
+            self._client = make_client(self.tracking_uri)
         return self._client
 
     def experiment_id(self) -> str:

@@ -15,7 +15,8 @@ training pose around the QC module).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,13 +28,9 @@ from qcloop.monitor.core.slices import FlaggedSet, SliceSet
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from qcloop.monitor.core.interfaces import CaseReconstructor
+    from qcloop.monitor.core.interfaces import CaseReconstructor, MetricsLogger, StillOod
 
 log = logging.getLogger(__name__)
-
-#: ``still_ood(model) -> int``: how many flagged cases this candidate still leaves OoD.
-StillOod = Callable[["torch.nn.Module"], int]
-MetricsLogger = Callable[[dict[str, float], int], None]
 
 
 class AlphaRefiner:
@@ -83,20 +80,12 @@ class AlphaRefiner:
         """Fine-tune ``model`` in place; return the history (epochs, losses, OoD counts)."""
         import torch
 
-        from qcloop.monitor.method.losses import SupervisedLoss, weighted_generalised_dice
-
         history = _start_history("alpha", model, flagged, still_ood)
         if "stopped" in history:
             return history
-        gen = torch.Generator().manual_seed(self.seed)
-        torch.manual_seed(self.seed)
-        opt = torch.optim.Adam(model.parameters(), lr=self.lr)
-        sup = SupervisedLoss(num_classes=len(self.class_weights))
-        ds_weights = list(model.deep_supervision_weights())
+        tuning = _Tuning.start(model, labeled, self.seed, self.lr, len(self.class_weights))
         x_u_all = torch.from_numpy(flagged.slices())
         case_sizes = [len(image) for image in flagged.images]
-        x_l_all = torch.from_numpy(labeled.images)
-        y_l_all = torch.from_numpy(labeled.labels.astype(np.int64))
         history["stopped"] = "k_semi reached"
         for k in range(1, self.k_semi + 1):
             alpha = 1.0 / k
@@ -112,27 +101,7 @@ class AlphaRefiner:
                     k,
                 )
                 break
-            n_u = len(usable)
-            order = usable[torch.randperm(n_u, generator=gen)[: self.max_slices_per_epoch or n_u]]
-            pseudo = pseudo_all[order]
-            model.train()
-            losses = []
-            for i in range(0, len(order), self.batch_size):
-                idx = order[i : i + self.batch_size]
-                target = pseudo[i : i + self.batch_size]
-                lab = torch.randint(0, len(x_l_all), (max(len(idx), 2),), generator=gen)
-                x = torch.cat([x_u_all[idx], x_l_all[lab]])
-                outputs = model(x)
-                outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
-                nu = len(idx)
-                probs_u = torch.softmax(outputs[0][:nu], dim=1)
-                l_semi = weighted_generalised_dice(probs_u, target, self.class_weights)
-                l_sup = sup([o[nu:] for o in outputs], y_l_all[lab], ds_weights)
-                loss = alpha * l_semi + l_sup
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
+            losses = self._epoch(model, tuning, x_u_all, pseudo_all, usable, alpha)
             remaining = still_ood(model)
             record = {
                 "epoch": k,
@@ -141,9 +110,8 @@ class AlphaRefiner:
                 "ood": remaining,
                 "skipped_cases": skipped,
             }
-            history["epochs"].append(record)
-            if log_metrics is not None:
-                log_metrics({"refine_loss": record["loss"], "refine_ood": float(remaining)}, k)
+            metrics = {"refine_loss": record["loss"], "refine_ood": float(remaining)}
+            _close_epoch(history, record, log_metrics, metrics, k)
             log.info(
                 "alpha refinement epoch %d: loss %.4f, %d case(s) still OoD, %d case(s) left "
                 "out (pseudo label misses a structure)",
@@ -157,6 +125,41 @@ class AlphaRefiner:
                 break
         model.eval()
         return history
+
+    def _epoch(
+        self,
+        model: torch.nn.Module,
+        tuning: _Tuning,
+        x_u_all: torch.Tensor,
+        pseudo_all: torch.Tensor,
+        usable: torch.Tensor,
+        alpha: float,
+    ) -> list[float]:
+        """One refinement epoch: shuffled batches of usable flagged slices, each paired with
+        random labelled slices, on ``alpha * L_semi + L_sup``; the batch losses."""
+        import torch
+
+        from qcloop.monitor.method.losses import weighted_generalised_dice
+
+        n_u = len(usable)
+        gen = tuning.generator
+        order = usable[torch.randperm(n_u, generator=gen)[: self.max_slices_per_epoch or n_u]]
+        pseudo = pseudo_all[order]
+        model.train()
+        losses = []
+        for i in range(0, len(order), self.batch_size):
+            idx = order[i : i + self.batch_size]
+            target = pseudo[i : i + self.batch_size]
+            lab = torch.randint(0, len(tuning.x_l), (max(len(idx), 2),), generator=gen)
+            x = torch.cat([x_u_all[idx], tuning.x_l[lab]])
+            outputs = model(x)
+            outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
+            nu = len(idx)
+            probs_u = torch.softmax(outputs[0][:nu], dim=1)
+            l_semi = weighted_generalised_dice(probs_u, target, self.class_weights)
+            l_sup = tuning.sup([o[nu:] for o in outputs], tuning.y_l[lab], tuning.ds_weights)
+            losses.append(tuning.step(alpha * l_semi + l_sup))
+        return losses
 
 
 class BlendRefiner:
@@ -203,68 +206,19 @@ class BlendRefiner:
     ) -> dict[str, Any]:
         """Fine-tune ``model`` in place; return the history."""
         import torch
-        import torch.nn.functional as F
-
-        from qcloop.monitor.method.assessment import missing_structures
-        from qcloop.monitor.method.losses import SupervisedLoss
 
         history = _start_history("blend", model, flagged, still_ood)
         if "stopped" in history:
             return history
         if flagged.selected is None:
             raise ValueError("blend refiner needs the QC-selected maps of the flagged cases")
-        gen = torch.Generator().manual_seed(self.seed)
-        torch.manual_seed(self.seed)
-        opt = torch.optim.Adam(model.parameters(), lr=self.lr)
-        sup = SupervisedLoss()
-        ds_weights = list(model.deep_supervision_weights())
-        x_l_all = torch.from_numpy(labeled.images)
-        y_l_all = torch.from_numpy(labeled.labels.astype(np.int64))
+        tuning = _Tuning.start(model, labeled, self.seed, self.lr, num_classes=4)
         cases = [torch.from_numpy(im[:, None].astype(np.float32)) for im in flagged.images]
         p_best = [torch.from_numpy(p.astype(np.float32)) for p in flagged.selected]
         for epoch in range(self.epochs):
             t = epoch / self.epochs
-            model.train()
-            n_l = len(x_l_all)
-            order = torch.randperm(n_l, generator=gen)[: self.max_slices_per_epoch or n_l]
-            sup_losses = []
-            for i in range(0, len(order), self.batch_size):
-                idx = order[i : i + self.batch_size]
-                if len(idx) < 2:
-                    continue
-                loss = sup(model(x_l_all[idx]), y_l_all[idx], ds_weights)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sup_losses.append(float(loss.detach()))
-            ood_losses = []
-            skipped = []
-            for c in torch.randperm(len(cases), generator=gen).tolist():
-                with torch.no_grad():
-                    model.eval()
-                    recon = torch.from_numpy(
-                        qc.reconstruct(torch.softmax(model(cases[c]), 1).numpy())
-                    )
-                    target = (t * p_best[c] + (1 - t) * recon).argmax(1)
-                if self.skip_incomplete and missing_structures(target.numpy()):
-                    skipped.append(c)
-                    continue
-                model.train()  # BatchNorm statistics adapt on OoD cases, as in the authors' code
-                out = model(cases[c])
-                logits = out[0] if isinstance(out, list | tuple) else out
-                rv_logit = logits[:, self.rv_label] - torch.logsumexp(
-                    torch.cat([logits[:, : self.rv_label], logits[:, self.rv_label + 1 :]], 1), 1
-                )
-                rv_target = (target == self.rv_label).float()
-                prob = torch.sigmoid(rv_logit)
-                dice = 1 - (2 * (prob * rv_target).sum() + 1e-5) / (
-                    prob.sum() + rv_target.sum() + 1e-5
-                )
-                loss = dice + F.binary_cross_entropy_with_logits(rv_logit, rv_target)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                ood_losses.append(float(loss.detach()))
+            sup_losses = self._supervised_epoch(model, tuning)
+            ood_losses, skipped = self._ood_steps(model, qc, tuning, cases, p_best, t)
             remaining = still_ood(model)
             record = {
                 "epoch": epoch + 1,
@@ -274,14 +228,125 @@ class BlendRefiner:
                 "ood": remaining,
                 "skipped_cases": sorted(skipped),
             }
-            history["epochs"].append(record)
-            if log_metrics is not None:
-                log_metrics(
-                    {"refine_ood_loss": record["ood_loss"], "refine_ood": float(remaining)}, epoch
-                )
+            metrics = {"refine_ood_loss": record["ood_loss"], "refine_ood": float(remaining)}
+            _close_epoch(history, record, log_metrics, metrics, epoch)
         history["stopped"] = "epochs done"
         model.eval()
         return history
+
+    def _supervised_epoch(self, model: torch.nn.Module, tuning: _Tuning) -> list[float]:
+        """One shuffled supervised epoch on the labelled slices; the batch losses."""
+        import torch
+
+        model.train()
+        n_l = len(tuning.x_l)
+        order = torch.randperm(n_l, generator=tuning.generator)[: self.max_slices_per_epoch or n_l]
+        losses = []
+        for i in range(0, len(order), self.batch_size):
+            idx = order[i : i + self.batch_size]
+            if len(idx) < 2:
+                continue
+            loss = tuning.sup(model(tuning.x_l[idx]), tuning.y_l[idx], tuning.ds_weights)
+            losses.append(tuning.step(loss))
+        return losses
+
+    def _ood_steps(
+        self,
+        model: torch.nn.Module,
+        qc: CaseReconstructor,
+        tuning: _Tuning,
+        cases: Sequence[torch.Tensor],
+        p_best: Sequence[torch.Tensor],
+        t: float,
+    ) -> tuple[list[float], list[int]]:
+        """One RV-weighted step per flagged case (shuffled) against the pseudo label
+        ``argmax(t * p_best + (1 - t) * R(M(x)))``; the step losses and the skipped cases."""
+        import torch
+
+        from qcloop.monitor.method.assessment import missing_structures
+
+        losses = []
+        skipped = []
+        for c in torch.randperm(len(cases), generator=tuning.generator).tolist():
+            with torch.no_grad():
+                model.eval()
+                recon = torch.from_numpy(qc.reconstruct(torch.softmax(model(cases[c]), 1).numpy()))
+                target = (t * p_best[c] + (1 - t) * recon).argmax(1)
+            if self.skip_incomplete and missing_structures(target.numpy()):
+                skipped.append(c)
+                continue
+            model.train()  # BatchNorm statistics adapt on OoD cases, as in the authors' code
+            out = model(cases[c])
+            logits = out[0] if isinstance(out, list | tuple) else out
+            losses.append(tuning.step(_rv_loss(logits, target, self.rv_label)))
+        return losses, skipped
+
+
+def _rv_loss(logits: torch.Tensor, target: torch.Tensor, rv_label: int) -> torch.Tensor:
+    """Soft Dice plus binary cross-entropy of the RV-versus-rest logit against the pseudo
+    label's RV mask."""
+    import torch
+    import torch.nn.functional as F
+
+    rv_logit = logits[:, rv_label] - torch.logsumexp(
+        torch.cat([logits[:, :rv_label], logits[:, rv_label + 1 :]], 1), 1
+    )
+    rv_target = (target == rv_label).float()
+    prob = torch.sigmoid(rv_logit)
+    dice = 1 - (2 * (prob * rv_target).sum() + 1e-5) / (prob.sum() + rv_target.sum() + 1e-5)
+    return dice + F.binary_cross_entropy_with_logits(rv_logit, rv_target)
+
+
+@dataclass
+class _Tuning:
+    """What both refiners fine-tune with: a seeded shuffling generator, Adam, the supervised
+    loss with the model's deep-supervision weights, and the labelled slices as tensors."""
+
+    generator: torch.Generator
+    optimiser: torch.optim.Optimizer
+    sup: torch.nn.Module
+    ds_weights: list[float]
+    x_l: torch.Tensor
+    y_l: torch.Tensor
+
+    @classmethod
+    def start(
+        cls, model: torch.nn.Module, labeled: SliceSet, seed: int, lr: float, num_classes: int
+    ) -> _Tuning:
+        """Seed the generator and torch's global RNG with ``seed``; Adam at ``lr`` on ``model``."""
+        import torch
+
+        from qcloop.monitor.method.losses import SupervisedLoss
+
+        generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        return cls(
+            generator=generator,
+            optimiser=torch.optim.Adam(model.parameters(), lr=lr),
+            sup=SupervisedLoss(num_classes=num_classes),
+            ds_weights=list(model.deep_supervision_weights()),
+            x_l=torch.from_numpy(labeled.images),
+            y_l=torch.from_numpy(labeled.labels.astype(np.int64)),
+        )
+
+    def step(self, loss: torch.Tensor) -> float:
+        """One optimiser step on ``loss``; its value."""
+        from qcloop.monitor.method.segmenter_training import optimiser_step
+
+        return optimiser_step(self.optimiser, loss)
+
+
+def _close_epoch(
+    history: dict[str, Any],
+    record: dict[str, Any],
+    log_metrics: MetricsLogger | None,
+    metrics: dict[str, float],
+    step: int,
+) -> None:
+    """Append an epoch's ``record`` to the history and pass ``metrics`` to the tracker."""
+    history["epochs"].append(record)
+    if log_metrics is not None:
+        log_metrics(metrics, step)
 
 
 def _start_history(

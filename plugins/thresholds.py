@@ -162,6 +162,33 @@ def _as_finite_vector(values: Sequence[float], name: str) -> np.ndarray:
     return array
 
 
+def _checked_scores(
+    pdc: Sequence[float], phd: Sequence[float], penalised: Sequence[bool] | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """pDC, pHD and the penalised mask as arrays, after checking that they are finite, in range
+    and of one length; raises ``ValueError`` naming the problem."""
+    pdc_all = _as_finite_vector(pdc, "pDC")
+    phd_all = _as_finite_vector(phd, "pHD")
+    if pdc_all.size != phd_all.size:
+        raise ValueError(f"pDC has {pdc_all.size} values but pHD has {phd_all.size}")
+    if pdc_all.size == 0:
+        raise ValueError("cannot fit fences on no cases: pDC and pHD are empty")
+    if pdc_all.min() < 0 or pdc_all.max() > 1:
+        raise ValueError(f"pDC values must lie in [0, 1], got [{pdc_all.min()}, {pdc_all.max()}]")
+    if phd_all.min() < 0:
+        raise ValueError(f"pHD values must be >= 0 mm, got minimum {phd_all.min()}")
+    if penalised is None:
+        return pdc_all, phd_all, np.zeros(pdc_all.size, dtype=bool)
+    mask = np.asarray(penalised)
+    if mask.ndim != 1 or mask.size != pdc_all.size:
+        raise ValueError(
+            f"penalised must have one flag per case ({pdc_all.size}), got shape {mask.shape}"
+        )
+    if mask.dtype != bool:
+        raise ValueError(f"penalised must hold booleans, got dtype {mask.dtype}")
+    return pdc_all, phd_all, mask
+
+
 def _spread(values: np.ndarray, q1: float, q3: float, floor: float, few: bool) -> float:
     """The spread a fence uses: the IQR, widened to the sample range when ``few``, never below ``floor``."""
     spread = q3 - q1
@@ -237,28 +264,7 @@ class IQRThresholds:
             ValueError: empty or mismatched inputs, NaN/inf, out-of-range values, or no
                 non-penalised case left.
         """
-        pdc_all = _as_finite_vector(pdc, "pDC")
-        phd_all = _as_finite_vector(phd, "pHD")
-        if pdc_all.size != phd_all.size:
-            raise ValueError(f"pDC has {pdc_all.size} values but pHD has {phd_all.size}")
-        if pdc_all.size == 0:
-            raise ValueError("cannot fit fences on no cases: pDC and pHD are empty")
-        if pdc_all.min() < 0 or pdc_all.max() > 1:
-            raise ValueError(
-                f"pDC values must lie in [0, 1], got [{pdc_all.min()}, {pdc_all.max()}]"
-            )
-        if phd_all.min() < 0:
-            raise ValueError(f"pHD values must be >= 0 mm, got minimum {phd_all.min()}")
-        if penalised is None:
-            mask = np.zeros(pdc_all.size, dtype=bool)
-        else:
-            mask = np.asarray(penalised)
-            if mask.ndim != 1 or mask.size != pdc_all.size:
-                raise ValueError(
-                    f"penalised must have one flag per case ({pdc_all.size}), got shape {mask.shape}"
-                )
-            if mask.dtype != bool:
-                raise ValueError(f"penalised must hold booleans, got dtype {mask.dtype}")
+        pdc_all, phd_all, mask = _checked_scores(pdc, phd, penalised)
         pdc_used, phd_used = pdc_all[~mask], phd_all[~mask]
         n_used, n_penalised = int(pdc_used.size), int(mask.sum())
         if n_used == 0:

@@ -198,11 +198,7 @@ def train_autoencoder(
     from monai.losses import GeneralizedDiceLoss
 
     generalised_dice = GeneralizedDiceLoss(include_background=True, softmax=False, w_type="square")
-    if val_masks is not None:
-        monitor, monitor_name = val_masks, "val"
-    else:
-        pick = np.random.default_rng(seed).permutation(len(masks))[:MONITOR_SUBSET]
-        monitor, monitor_name = masks[np.sort(pick)], "train"
+    monitor, monitor_name = _monitor_masks(masks, val_masks, seed)
     history: dict[str, Any] = {
         "monitor": monitor_name,
         "epochs": [],
@@ -217,39 +213,13 @@ def train_autoencoder(
             net = build_net().to(cfg.device)
             if start_collapsed and attempt == 0:
                 saturate_to_background(net)
+            run = _Attempt(net, cfg, attempt, attempt_seed, balanced, generalised_dice, history)
             try:
-                _run_attempt(
-                    net,
-                    masks,
-                    monitor,
-                    cfg,
-                    attempt=attempt,
-                    seed=attempt_seed,
-                    balanced=balanced,
-                    generalised_dice=generalised_dice,
-                    history=history,
-                    log=log,
-                )
+                run.train(masks, monitor, log)
             except _Restart:
                 continue
         net.eval()
-        losses = [e["loss"] for e in history["epochs"] if e["attempt"] == attempt]
-        final = history["epochs"][-1]
-        history.update(
-            attempts=attempt + 1,
-            seed=attempt_seed,
-            balanced_loss=final["balanced"],
-            loss=losses,
-            dice=final["dice"],
-            seconds=time.perf_counter() - started,
-        )
-        logger.info(
-            "autoencoder trained in %.1f s (%d attempt(s)); %s Dice %s",
-            history["seconds"],
-            attempt + 1,
-            monitor_name,
-            {k: round(v, 3) for k, v in final["dice"].items()},
-        )
+        _summarise(history, attempt, attempt_seed, time.perf_counter() - started)
         return net, history
     last = history["collapse_events"][-1]
     raise CollapseError(
@@ -260,85 +230,123 @@ def train_autoencoder(
     )
 
 
-def _run_attempt(
-    net: nn.Module,
-    masks: np.ndarray,
-    monitor: np.ndarray,
-    cfg: TrainingConfig,
-    *,
-    attempt: int,
-    seed: int,
-    balanced: bool,
-    generalised_dice: nn.Module,
-    history: dict[str, Any],
-    log: Log | None,
-) -> None:
-    """Train one attempt for ``cfg.epochs`` epochs; raise ``_Restart`` (after recording the event)
-    when collapse handling asks for a restart, :class:`CollapseError` when none is left."""
-    optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    n = len(masks)
-    streak_start: int | None = None
+def _monitor_masks(
+    masks: np.ndarray, val_masks: np.ndarray | None, seed: int
+) -> tuple[np.ndarray, str]:
+    """The masks collapse is watched on, and their name: the validation masks when given, else
+    a fixed subset of the training masks."""
+    if val_masks is not None:
+        return val_masks, "val"
+    pick = np.random.default_rng(seed).permutation(len(masks))[:MONITOR_SUBSET]
+    return masks[np.sort(pick)], "train"
 
-    def escalate(epoch: int, agreement: Agreement | None, reason: str) -> None:
-        restart = attempt < cfg.max_restarts
-        event = {
-            "attempt": attempt,
-            "epoch": epoch,
-            "reason": reason,
-            "classes": agreement.collapsed if agreement else [],
-            "dice": agreement.dice if agreement else {},
-            "action": "restart" if restart else "give_up",
-        }
-        history["collapse_events"].append(event)
-        logger.warning("autoencoder collapse (%s) at epoch %d: %s", reason, epoch, event["action"])
-        if not restart:
-            raise CollapseError(
-                f"QC autoencoder collapsed ({reason}) at attempt {attempt}, epoch {epoch} and no "
-                f"restart is left (max_restarts={cfg.max_restarts}): classes {event['classes']}, "
-                f"Dice {event['dice']}",
-                history,
-            )
-        raise _Restart
 
-    # warm-up and patience are counted in epochs, with a floor in optimisation steps so that a
-    # small mask set (one long-axis slice per case) is not judged after a handful of steps
-    steps_per_epoch = max(1, -(-n // cfg.batch_size))
-    warmup = max(cfg.collapse_warmup, -(-cfg.collapse_warmup_steps // steps_per_epoch))
-    patience = max(cfg.collapse_patience, -(-cfg.collapse_patience_steps // steps_per_epoch))
-    for epoch in progress(range(1, cfg.epochs + 1), desc=f"QC autoencoder (attempt {attempt})"):
-        net.train()
+def _summarise(history: dict[str, Any], attempt: int, seed: int, seconds: float) -> None:
+    """Add the successful attempt's summary (attempts, seed, losses, final Dice) to ``history``."""
+    losses = [e["loss"] for e in history["epochs"] if e["attempt"] == attempt]
+    final = history["epochs"][-1]
+    history.update(
+        attempts=attempt + 1,
+        seed=seed,
+        balanced_loss=final["balanced"],
+        loss=losses,
+        dice=final["dice"],
+        seconds=seconds,
+    )
+    logger.info(
+        "autoencoder trained in %.1f s (%d attempt(s)); %s Dice %s",
+        seconds,
+        attempt + 1,
+        history["monitor"],
+        {k: round(v, 3) for k, v in final["dice"].items()},
+    )
+
+
+class _Attempt:
+    """One training attempt: the epoch loop, its history entries and the collapse policy.
+
+    :meth:`train` raises ``_Restart`` (after recording the event) when collapse handling asks
+    for a restart, :class:`CollapseError` when none is left.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        cfg: TrainingConfig,
+        attempt: int,
+        seed: int,
+        balanced: bool,
+        generalised_dice: nn.Module,
+        history: dict[str, Any],
+    ) -> None:
+        self.net = net
+        self.cfg = cfg
+        self.attempt = attempt
+        self.balanced = balanced
+        self.generalised_dice = generalised_dice
+        self.history = history
+        self.optimiser = torch.optim.Adam(
+            net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        self.generator = torch.Generator().manual_seed(seed)
+        self.streak_start: int | None = None
+
+    def train(self, masks: np.ndarray, monitor: np.ndarray, log: Log | None) -> None:
+        """Train for ``cfg.epochs`` epochs, checking collapse on ``monitor`` after each."""
+        cfg = self.cfg
+        # warm-up and patience are counted in epochs, with a floor in optimisation steps so that
+        # a small mask set (one long-axis slice per case) is not judged after a handful of steps
+        steps_per_epoch = max(1, -(-len(masks) // cfg.batch_size))
+        warmup = max(cfg.collapse_warmup, -(-cfg.collapse_warmup_steps // steps_per_epoch))
+        patience = max(cfg.collapse_patience, -(-cfg.collapse_patience_steps // steps_per_epoch))
+        epochs = range(1, cfg.epochs + 1)
+        for epoch in progress(epochs, desc=f"QC autoencoder (attempt {self.attempt})"):
+            sums = self._train_epoch(masks, epoch)
+            agreement = measure_agreement(self.net, monitor, cfg)
+            self._record(epoch, sums, agreement, log)
+            self._check_collapse(epoch, agreement, warmup, patience)
+
+    def _train_epoch(self, masks: np.ndarray, epoch: int) -> dict[str, float]:
+        """One shuffled pass over ``masks``; the loss and its terms, weighted by batch size."""
+        cfg, n = self.cfg, len(masks)
+        self.net.train()
         sums: dict[str, float] = {}
-        order = torch.randperm(n, generator=generator).numpy()
+        order = torch.randperm(n, generator=self.generator).numpy()
         for start in range(0, n, cfg.batch_size):
             idx = np.sort(order[start : start + cfg.batch_size])
             labels = torch.from_numpy(masks[idx])
             if cfg.augments:
                 labels = augment_masks(
                     labels,
-                    generator,
+                    self.generator,
                     flip=cfg.augment_flip,
                     rotation_deg=cfg.augment_rotation_deg,
                     scale=cfg.augment_scale,
                 )
-            labels = labels.to(cfg.device)
-            target = one_hot(labels, cfg.num_classes)
-            loss, terms = reconstruction_loss(net(target), target, generalised_dice, balanced)
+            target = one_hot(labels.to(cfg.device), cfg.num_classes)
+            loss, terms = reconstruction_loss(
+                self.net(target), target, self.generalised_dice, self.balanced
+            )
             if not torch.isfinite(loss):
-                escalate(epoch, None, "non-finite loss")
-            optimiser.zero_grad(set_to_none=True)
+                self._escalate(epoch, None, "non-finite loss")
+            self.optimiser.zero_grad(set_to_none=True)
             loss.backward()
-            optimiser.step()
+            self.optimiser.step()
             weight = len(idx) / n
             sums["loss"] = sums.get("loss", 0.0) + loss.item() * weight
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.item() * weight
-        agreement = measure_agreement(net, monitor, cfg)
-        history["epochs"].append(
+        return sums
+
+    def _record(
+        self, epoch: int, sums: dict[str, float], agreement: Agreement, log: Log | None
+    ) -> None:
+        """Append the epoch to the history and pass its figures to ``log`` (``qc/...``)."""
+        self.history["epochs"].append(
             {
-                "attempt": attempt,
+                "attempt": self.attempt,
                 "epoch": epoch,
-                "balanced": balanced,
+                "balanced": self.balanced,
                 **sums,
                 "dice": agreement.dice,
                 "fraction_ratio": agreement.fraction_ratio,
@@ -347,33 +355,57 @@ def _run_attempt(
         if log is not None:
             metrics = {f"qc/{k}": v for k, v in sums.items()}
             metrics.update({f"qc/dice_{k}": v for k, v in agreement.dice.items()})
-            metrics["qc/attempt"] = float(attempt)
-            log(metrics, len(history["epochs"]))
+            metrics["qc/attempt"] = float(self.attempt)
+            log(metrics, len(self.history["epochs"]))
+
+    def _check_collapse(self, epoch: int, agreement: Agreement, warmup: int, patience: int) -> None:
+        """The escape ladder: the first collapse (after the warm-up) switches on the balanced
+        loss; one lasting ``patience`` epochs, or in the final epoch, escalates."""
         if not agreement.collapsed:
-            streak_start = None
-            continue
-        last_epoch = epoch == cfg.epochs
+            self.streak_start = None
+            return
+        last_epoch = epoch == self.cfg.epochs
         if epoch < warmup and not last_epoch:
-            continue
-        if streak_start is None:
-            streak_start = epoch
-            if not balanced and not last_epoch:
-                balanced = True
-                history["collapse_events"].append(
-                    {
-                        "attempt": attempt,
-                        "epoch": epoch,
-                        "reason": "collapsed classes",
-                        "classes": agreement.collapsed,
-                        "dice": agreement.dice,
-                        "action": "balanced_loss",
-                    }
-                )
+            return
+        if self.streak_start is None:
+            self.streak_start = epoch
+            if not self.balanced and not last_epoch:
+                self.balanced = True
+                self._event(epoch, agreement, "collapsed classes", "balanced_loss")
                 logger.warning(
                     "autoencoder collapse at epoch %d (%s): switching to the balanced loss",
                     epoch,
                     agreement.collapsed,
                 )
-                continue
-        if epoch - streak_start >= patience or last_epoch:
-            escalate(epoch, agreement, "collapsed classes")
+                return
+        if epoch - self.streak_start >= patience or last_epoch:
+            self._escalate(epoch, agreement, "collapsed classes")
+
+    def _event(
+        self, epoch: int, agreement: Agreement | None, reason: str, action: str
+    ) -> dict[str, Any]:
+        """Record a collapse event in the history and return it."""
+        event = {
+            "attempt": self.attempt,
+            "epoch": epoch,
+            "reason": reason,
+            "classes": agreement.collapsed if agreement else [],
+            "dice": agreement.dice if agreement else {},
+            "action": action,
+        }
+        self.history["collapse_events"].append(event)
+        return event
+
+    def _escalate(self, epoch: int, agreement: Agreement | None, reason: str) -> None:
+        """Restart from a new seed, or give up when no restart is left."""
+        restart = self.attempt < self.cfg.max_restarts
+        event = self._event(epoch, agreement, reason, "restart" if restart else "give_up")
+        logger.warning("autoencoder collapse (%s) at epoch %d: %s", reason, epoch, event["action"])
+        if not restart:
+            raise CollapseError(
+                f"QC autoencoder collapsed ({reason}) at attempt {self.attempt}, epoch {epoch} "
+                f"and no restart is left (max_restarts={self.cfg.max_restarts}): classes "
+                f"{event['classes']}, Dice {event['dice']}",
+                self.history,
+            )
+        raise _Restart

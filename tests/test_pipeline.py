@@ -155,14 +155,16 @@ def test_demo_ablation_schema(tmp_path) -> None:
 
 def test_assess_broadcasts_case_scored_events(trained, tmp_path) -> None:
     from qcloop.monitor import hookimpl
+    from qcloop.monitor.core.events import CaseScored
     from qcloop.monitor.core.plugin_manager import get_plugin_manager
 
     seen: list[dict] = []
 
     class Listener:
         @hookimpl
-        def on_case_scored(self, record: dict) -> None:
-            seen.append(record)
+        def on_case_scored(self, event: CaseScored) -> None:
+            assert event.service is None  # a batch command, not a service
+            seen.append(event.record)
 
     pm = get_plugin_manager()
     listener = Listener()

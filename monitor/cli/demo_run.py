@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,14 @@ def _log_demo(tracker: Tracker, out: Path, result: dict[str, Any]) -> None:
         tracker.log_artifact(str(figure), "figures")
 
 
+@contextmanager
+def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Time the block as ``timings[name]`` (seconds)."""
+    t = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - t
+
+
 def _run_demo(
     out: Path,
     cfg: QcloopConfig,
@@ -179,48 +188,48 @@ def _run_demo(
     data = out / "data"
     write_cohort(data, preset=preset, seed=seed, workers=workers)
     timings["phantoms"] = time.perf_counter() - t0
-
-    t = time.perf_counter()
-    train_run(data, out / "run", cfg, tracker=tracker)
-    timings["train"] = time.perf_counter() - t
-
-    t = time.perf_counter()
+    with _stage(timings, "train"):
+        train_run(data, out / "run", cfg, tracker=tracker)
     flagged: dict[str, tuple[int, list[Assessed]]] = {}
-    base = evaluate_run(out / "run", data, cfg, flagged)
-    timings["assess"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    refine_run(
-        data,
-        out / "run",
-        out / "run-refined",
-        cfg,
-        where=TEST_SPLIT,
-        assessed_by_view=flagged,
-        tracker=tracker,
-    )
-    del flagged
-    timings["refine"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    full = evaluate_run(out / "run-refined", data, cfg)
-    timings["assess_refined"] = time.perf_counter() - t
-
+    with _stage(timings, "assess"):
+        base = evaluate_run(out / "run", data, cfg, flagged)
+    with _stage(timings, "refine"):
+        refine_run(
+            data,
+            out / "run",
+            out / "run-refined",
+            cfg,
+            where=TEST_SPLIT,
+            assessed_by_view=flagged,
+            tracker=tracker,
+        )
+        del flagged
+    with _stage(timings, "assess_refined"):
+        full = evaluate_run(out / "run-refined", data, cfg)
     tables = ablation_tables(base, full)
-    seconds = time.perf_counter() - t0
     meta = {
         "command": f"qcloop demo{' --quick' if quick else ''} --out {out}",
-        "seconds": seconds,
+        "seconds": time.perf_counter() - t0,
         "timings_s": timings,
         "preset": preset,
         "seed": seed,
     }
-    result = {**tables, "meta": meta}
-    atomic.write_json(out / "ablation.json", result)
+    _write_results(out, tables, meta, base, full)
+    return {**tables, "meta": meta}
+
+
+def _write_results(
+    out: Path,
+    tables: dict[str, list[dict[str, Any]]],
+    meta: dict[str, Any],
+    base: list[CaseEvaluation],
+    full: list[CaseEvaluation],
+) -> None:
+    """``ablation.json``, ``ablation.md`` and every case's evaluation (``evaluations.jsonl``)."""
+    atomic.write_json(out / "ablation.json", {**tables, "meta": meta})
     atomic.write_text(out / "ablation.md", ablation_markdown(tables, meta))
     atomic.write_text(
         out / "evaluations.jsonl",
         "".join(json.dumps({"config": "M/M+QC", **e.to_dict()}) + "\n" for e in base)
         + "".join(json.dumps({"config": "full", **e.to_dict()}) + "\n" for e in full),
     )
-    return result

@@ -88,8 +88,8 @@ def assess_prepared(
             on_case(Assessed(item, scored, probs))
     if transductive and scored_all:
         strategy = build_threshold_strategy(cfg)
-        fences = fit_population_fences(scored_all, strategy, _phase, skip_unfittable=True)
-        missing = {_phase(s) for s in scored_all} - set(fences)
+        fences = fit_population_fences(scored_all, strategy, case_phase, skip_unfittable=True)
+        missing = {case_phase(s) for s in scored_all} - set(fences)
         if missing:
             # a phase whose every case is penalised is judged with the pooled fences
             fences.update(
@@ -99,7 +99,7 @@ def assess_prepared(
                 }
             )
         for item, scored in zip(cases, scored_all, strict=True):
-            scored.judge(fences[_phase(scored)])
+            scored.judge(fences[case_phase(scored)])
             if on_case is not None:
                 on_case(
                     Assessed(item, scored, assessor.candidate_probabilities(item.prepared.image))
@@ -116,7 +116,8 @@ def reference_fences(model_set: ModelSet, phase: str) -> Any:
     raise CaseError(phase, "the run has no reference fences; use population: transductive")
 
 
-def _phase(scored: ScoredCase) -> str:
+def case_phase(scored: ScoredCase) -> str:
+    """The cardiac phase of a scored case (fences are fitted per phase)."""
     return str(scored.key["phase"])
 
 
@@ -161,58 +162,28 @@ def assess_run(
     With a tracker (``tracker``, else the run's configured one) the assessment is one tracked
     run: per view the case and OoD counts and the OoD fraction, and ``summary.json``.
     """
-    from qcloop.monitor.core.plugin_manager import get_plugin_manager
-    from qcloop.monitor.data import save_label_map
-
-    pm = get_plugin_manager()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if isinstance(run_dir, Mapping):
-        runs = {v: Path(r) for v, r in run_dir.items() if views is None or v in views}
-        if not runs:
-            raise RunError(f"no run folder for the views {list(views or [])}")
-    else:
-        one = Path(run_dir)
-        runs = {v: one for v in (views or run_views(one))}
-    views = list(runs)
+    runs = _view_runs(run_dir, views)
     run = next(iter(runs.values()))
     cfg = load_run_config(run)
     all_sources = discover(data_dir, where=where)
-    records: list[dict[str, Any]] = []
+    writer = _RecordWriter(out, write_masks)
     errors: list[CaseError] = []
     per_view: dict[str, Any] = {}
-    for view in views:
-        view_cfg = load_run_config(runs[view]) if runs[view] != run else cfg
-        model_set = load_model_set(runs[view], view, view_cfg)
-        info = {"run": str(runs[view].resolve()), **dict((model_info or {}).get(view, {}))}
+    for view, view_run in runs.items():
+        view_cfg = load_run_config(view_run) if view_run != run else cfg
+        model_set = load_model_set(view_run, view, view_cfg)
+        info = {"run": str(view_run.resolve()), **dict((model_info or {}).get(view, {}))}
         pre = make_preprocessor(view_cfg, getattr(model_set.best, "divisor", 1))
         cases = load_prepared([s for s in all_sources if s.view == view], pre, errors)
-
-        def emit(a: Assessed, info: dict[str, Any] = info) -> None:
-            rec = a.scored.to_record()
-            rec["model"] = info
-            labels = None
-            if a.item.case.gt is not None or write_masks:
-                labels = restore_labels(a.item, _selected(a))
-            if a.item.case.gt is not None:
-                rec["true_selected"] = {
-                    s: {"dice": v.dice, "hd_mm": v.hd}
-                    for s, v in compute_true(labels, a.item.case).items()
-                }
-            if write_masks:
-                src = a.item.case.source
-                path = out / "masks" / f"{src.subject}_{src.view}_{src.phase}_pred.nii.gz"
-                save_label_map(path, labels, a.item.case)
-                rec["mask"] = str(path)
-            records.append(rec)
-            pm.emit(CaseScored(rec))  # one broadcast per case, after the work is done
-
-        scored = assess_prepared(model_set, cases, view_cfg, emit)
+        scored = assess_prepared(model_set, cases, view_cfg, writer.callback(info))
         per_view[view] = {
             "cases": len(scored),
             "ood": sum(bool(s.ood) for s in scored),
             "population": view_cfg.assessment.population,
         }
+    records = writer.records
     atomic.write_text(
         out / "records.jsonl", "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
     )
@@ -227,18 +198,82 @@ def assess_run(
     }
     atomic.write_json(out / "summary.json", summary)
     tracker = tracker if tracker is not None else make_tracker(cfg)
-    run_tags = {"qcloop.kind": "assess", "qcloop.run_dir": str(run.resolve())}
+    _log_assessment(tracker, out, summary, write_masks)
+    return summary
+
+
+def _view_runs(
+    run_dir: str | Path | Mapping[str, str | Path], views: Sequence[str] | None
+) -> dict[str, Path]:
+    """View -> run folder assessing it: ``views`` (all the run's by default) of one folder, or
+    the chosen entries of a mapping."""
+    if isinstance(run_dir, Mapping):
+        runs = {v: Path(r) for v, r in run_dir.items() if views is None or v in views}
+        if not runs:
+            raise RunError(f"no run folder for the views {list(views or [])}")
+        return runs
+    one = Path(run_dir)
+    return {v: one for v in (views or run_views(one))}
+
+
+class _RecordWriter:
+    """Turns assessed cases into records (with true scores where ground truth exists, and the
+    QC-selected mask written with ``write_masks``), and broadcasts each as ``CaseScored``."""
+
+    def __init__(self, out: Path, write_masks: bool) -> None:
+        from qcloop.monitor.core.plugin_manager import get_plugin_manager
+
+        self.out = out
+        self.write_masks = write_masks
+        self.records: list[dict[str, Any]] = []
+        self.pm = get_plugin_manager()
+
+    def callback(self, info: dict[str, Any]) -> CaseCallback:
+        """The case callback of one view, whose records carry ``info`` as their ``model``."""
+
+        def emit(a: Assessed) -> None:
+            self.write(a, info)
+
+        return emit
+
+    def write(self, a: Assessed, info: dict[str, Any]) -> None:
+        """Record one assessed case and broadcast it."""
+        from qcloop.monitor.data import save_label_map
+
+        rec = a.scored.to_record()
+        rec["model"] = info
+        labels = None
+        if a.item.case.gt is not None or self.write_masks:
+            labels = restore_labels(a.item, _selected(a))
+        if a.item.case.gt is not None:
+            rec["true_selected"] = {
+                s: {"dice": v.dice, "hd_mm": v.hd}
+                for s, v in compute_true(labels, a.item.case).items()
+            }
+        if self.write_masks:
+            src = a.item.case.source
+            path = self.out / "masks" / f"{src.subject}_{src.view}_{src.phase}_pred.nii.gz"
+            save_label_map(path, labels, a.item.case)
+            rec["mask"] = str(path)
+        self.records.append(rec)
+        self.pm.emit(CaseScored(rec))  # one broadcast per case, after the work is done
+
+
+def _log_assessment(
+    tracker: Tracker, out: Path, summary: dict[str, Any], write_masks: bool
+) -> None:
+    """One tracked run: case, OoD and skipped counts, per view the OoD fraction, the summary."""
+    run_tags = {"qcloop.kind": "assess", "qcloop.run_dir": summary["run"]}
     with tracker.start_run(f"assess {out.name}", tags=run_tags):
         tracker.log_params(
             {"data": summary["data"], "run": summary["run"], "write_masks": write_masks}
         )
         metrics = {"cases": float(summary["cases"]), "ood": float(summary["ood"])}
-        metrics["skipped"] = float(len(errors))
-        for view, d in per_view.items():
+        metrics["skipped"] = float(len(summary["skipped"]))
+        for view, d in summary["views"].items():
             metrics[f"{view}.cases"] = float(d["cases"])
             metrics[f"{view}.ood"] = float(d["ood"])
             if d["cases"]:
                 metrics[f"{view}.ood_fraction"] = d["ood"] / d["cases"]
         tracker.log_metrics(metrics)
         log_file(tracker, out / "summary.json")
-    return summary

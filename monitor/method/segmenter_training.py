@@ -77,7 +77,11 @@ class TrainResult:
 def predict_probabilities(
     model: torch.nn.Module, image: np.ndarray, batch_size: int = 16
 ) -> np.ndarray:
-    """Softmax probabilities ``(Z, C, S, S)`` of ``model`` (eval mode) for slices ``(Z, S, S)``."""
+    """Softmax probabilities ``(Z, C, S, S)`` of ``model`` (eval mode) for slices ``(Z, S, S)``;
+    an empty stack (``Z = 0``) gives an empty map with the model's ``num_classes`` channels."""
+    if len(image) == 0:
+        classes = int(getattr(model, "num_classes", 4))
+        return np.zeros((0, classes, *np.shape(image)[1:]), np.float32)
     was_training = model.training
     model.eval()
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[:, None]
@@ -104,9 +108,58 @@ def validate(model: torch.nn.Module, cases: Sequence[ValCase]) -> float:
     return float(np.mean(scores)) if scores else 0.0
 
 
+def optimiser_step(optimiser: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """One gradient step of ``optimiser`` on ``loss``; the loss value."""
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    return float(loss.detach())
+
+
 def _segmenter_weights(model: torch.nn.Module) -> list[float] | None:
     fn = getattr(model, "deep_supervision_weights", None)
     return list(fn()) if callable(fn) else None
+
+
+@dataclass
+class _Optimisation:
+    """What one training run carries from epoch to epoch (and ``training/last.pt`` saves)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+    kept: list[Checkpoint] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)
+    start_epoch: int = 0
+
+    def resume(self, model: torch.nn.Module, last_path: Path) -> None:
+        """Continue from the state :meth:`save` wrote to ``last_path``."""
+        state = torch.load(last_path, weights_only=True)
+        model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.kept = [Checkpoint(**c) for c in state["kept"]]
+        self.history = list(state["history"])
+        self.start_epoch = int(state["epoch"]) + 1
+        log.info("resuming training at epoch %d from %s", self.start_epoch, last_path)
+
+    def save(self, model: torch.nn.Module, epoch: int, last_path: Path) -> None:
+        """Write everything needed to continue after ``epoch`` to ``last_path`` (atomically)."""
+        atomic.torch_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "generator": self.generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "kept": [c.to_dict() for c in self.kept],
+                "history": self.history,
+                "epoch": epoch,
+            },
+            last_path,
+        )
 
 
 def train_segmenter(
@@ -136,95 +189,90 @@ def train_segmenter(
     (out / "candidates").mkdir(parents=True, exist_ok=True)
     last_path = out / "training" / "last.pt"
     torch.manual_seed(settings.seed)
-    gen = torch.Generator().manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
     optimizer, scheduler = model.make_optimizer(settings.epochs, lr=settings.lr)
-    loss_fn = SupervisedLoss(num_classes=getattr(model, "num_classes", 4))
-    ds_weights = _segmenter_weights(model)
-    kept: list[Checkpoint] = []
-    history: list[dict[str, float]] = []
-    start_epoch = 0
-
+    run = _Optimisation(optimizer, scheduler, generator)
     if resume and last_path.exists():
-        state = torch.load(last_path, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        kept = [Checkpoint(**c) for c in state["kept"]]
-        history = list(state["history"])
-        start_epoch = int(state["epoch"]) + 1
-        log.info("resuming training at epoch %d from %s", start_epoch, last_path)
-
-    images = torch.from_numpy(train.images)
-    labels = torch.from_numpy(train.labels.astype(np.int64))
-    n = len(train)
-    per_epoch = min(n, settings.max_slices_per_epoch or n)
-    for epoch in range(start_epoch, settings.epochs):
+        run.resume(model, last_path)
+    trainer = _EpochTrainer(model, train, settings, run)
+    for epoch in range(run.start_epoch, settings.epochs):
         t0 = time.perf_counter()
-        model.train()
-        order = torch.randperm(n, generator=gen)[:per_epoch]
-        losses = []
-        for i in range(0, per_epoch, settings.batch_size):
-            idx = order[i : i + settings.batch_size]
-            if len(idx) < 2:  # BatchNorm needs more than one sample
-                continue
-            x, y = augment_batch(
-                images[idx],
-                labels[idx],
-                gen,
-                flip=settings.flip,
-                rotation_deg=settings.rotation_deg,
-                scale=settings.scale,
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y, ds_weights)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-        scheduler.step()
-        record = {"epoch": float(epoch), "train_loss": float(np.mean(losses)) if losses else 0.0}
+        record = {"epoch": float(epoch), "train_loss": trainer.train_epoch()}
+        run.scheduler.step()
+        dropped: list[Checkpoint] = []
         if (epoch + 1) % settings.val_every == 0 or epoch == settings.epochs - 1:
-            score = validate(model, val)
-            record["val_dice"] = score
+            record["val_dice"] = score = validate(model, val)
             # with a checkpoint gap, a larger pool is kept and spread out at the end
             pool = settings.m_best * settings.checkpoint_gap
-            kept, dropped = _keep_best(model, kept, score, epoch, out, pool, model_meta)
-        else:
-            dropped = []
+            run.kept, dropped = _keep_best(model, run.kept, score, epoch, out, pool, model_meta)
         record["seconds"] = time.perf_counter() - t0
-        history.append(record)
-        log.info(
-            "epoch %d/%d loss %.4f%s (%.1f s)",
-            epoch + 1,
-            settings.epochs,
-            record["train_loss"],
-            f" val Dice {record['val_dice']:.4f}" if "val_dice" in record else "",
-            record["seconds"],
-        )
-        atomic.torch_save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "generator": gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "kept": [c.to_dict() for c in kept],
-                "history": history,
-                "epoch": epoch,
-            },
-            last_path,
-        )
+        run.history.append(record)
+        _log_epoch(record, epoch, settings.epochs)
+        run.save(model, epoch, last_path)
         # only now that last.pt no longer names them may dropped checkpoints go
         for stale in dropped:
             (out / stale.path).unlink(missing_ok=True)
         if log_metrics is not None:
             log_metrics({k: v for k, v in record.items() if k != "epoch"}, epoch)
-    chosen = spread_candidates(kept, settings.m_best, settings.checkpoint_gap)
-    for stale in kept:
+    chosen = spread_candidates(run.kept, settings.m_best, settings.checkpoint_gap)
+    for stale in run.kept:
         if stale not in chosen:
             (out / stale.path).unlink(missing_ok=True)
-    return TrainResult(checkpoints=chosen, history=history)
+    return TrainResult(checkpoints=chosen, history=run.history)
+
+
+class _EpochTrainer:
+    """One pass over shuffled, augmented training slices with ``L_sup`` and deep supervision."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        train: SliceSet,
+        settings: TrainSettings,
+        run: _Optimisation,
+    ) -> None:
+        self.model = model
+        self.settings = settings
+        self.run = run
+        self.loss_fn = SupervisedLoss(num_classes=getattr(model, "num_classes", 4))
+        self.ds_weights = _segmenter_weights(model)
+        self.images = torch.from_numpy(train.images)
+        self.labels = torch.from_numpy(train.labels.astype(np.int64))
+        self.n = len(train)
+        self.per_epoch = min(self.n, settings.max_slices_per_epoch or self.n)
+
+    def train_epoch(self) -> float:
+        """Train one epoch; return the mean batch loss (0 when no batch ran)."""
+        s, run = self.settings, self.run
+        self.model.train()
+        order = torch.randperm(self.n, generator=run.generator)[: self.per_epoch]
+        losses = []
+        for i in range(0, self.per_epoch, s.batch_size):
+            idx = order[i : i + s.batch_size]
+            if len(idx) < 2:  # BatchNorm needs more than one sample
+                continue
+            x, y = augment_batch(
+                self.images[idx],
+                self.labels[idx],
+                run.generator,
+                flip=s.flip,
+                rotation_deg=s.rotation_deg,
+                scale=s.scale,
+            )
+            loss = self.loss_fn(self.model(x), y, self.ds_weights)
+            losses.append(optimiser_step(run.optimizer, loss))
+        return float(np.mean(losses)) if losses else 0.0
+
+
+def _log_epoch(record: dict[str, float], epoch: int, epochs: int) -> None:
+    log.info(
+        "epoch %d/%d loss %.4f%s (%.1f s)",
+        epoch + 1,
+        epochs,
+        record["train_loss"],
+        f" val Dice {record['val_dice']:.4f}" if "val_dice" in record else "",
+        record["seconds"],
+    )
 
 
 def _keep_best(

@@ -21,8 +21,8 @@ from qcloop.monitor.core.serialise import jsonable, utc_now
 from qcloop.monitor.core.slices import SliceSet
 from qcloop.monitor.core.tracking import NullTracker, log_file, make_tracker
 from qcloop.monitor.data import CaseError, CaseSource, discover
-from qcloop.monitor.method.assess import make_assessor
-from qcloop.monitor.method.assessment import ScoredCase, fit_population_fences
+from qcloop.monitor.method.assess import case_phase, make_assessor
+from qcloop.monitor.method.assessment import fit_population_fences
 from qcloop.monitor.method.cases import (
     PreparedCase,
     load_prepared,
@@ -42,6 +42,7 @@ from qcloop.monitor.method.run_folder import (
     qc_params,
 )
 from qcloop.monitor.method.segmenter_training import (
+    TrainResult,
     TrainSettings,
     ValCase,
     train_segmenter,
@@ -72,10 +73,6 @@ def train_settings(cfg: QcloopConfig, n_slices: int | None = None) -> TrainSetti
         seed=cfg.seed,
         checkpoint_gap=t.checkpoint_gap,
     )
-
-
-def _phase(scored: ScoredCase) -> str:
-    return str(scored.key["phase"])
 
 
 def train_run(
@@ -149,6 +146,7 @@ def _train_view(
     )
     val = [ValCase(c.prepared.image, c.prepared.gt) for c in val_cases]
     view_dir = run / view
+    counts = {"train_cases": len(train_cases), "val_cases": len(val), "train_slices": len(slices)}
     log.info(
         "%s: training %s on %d slices (%d cases), validating on %d cases",
         view,
@@ -157,16 +155,37 @@ def _train_view(
         len(train_cases),
         len(val),
     )
+    result = _train_candidates(model, slices, val, view, view_dir, cfg, counts, tracker)
+    _train_qc_module(slices, val, train_cases, view, view_dir, cfg, tracker)
+    model_set = load_model_set(run, view, cfg)
+    fences = calibrate_reference_fences(model_set, val_cases, cfg, tracker=tracker)
+    save_reference_fences(view_dir, fences)
+    if result.checkpoints:
+        tracker.log_metrics({"best_val_dice": float(result.checkpoints[0].val_dice)})
+    for name in ("candidates.json", "fences.json"):
+        log_file(tracker, view_dir / name, view)
+    for name in ("history.json", "qc_history.json"):
+        log_file(tracker, view_dir / "training" / name, f"{view}/training")
+    return {
+        **counts,
+        "candidates": [c.to_dict() for c in result.checkpoints],
+        "skipped": [str(e) for e in errors],
+    }
+
+
+def _train_candidates(
+    model: torch.nn.Module,
+    slices: SliceSet,
+    val: Sequence[ValCase],
+    view: str,
+    view_dir: Path,
+    cfg: QcloopConfig,
+    counts: dict[str, int],
+    tracker: Tracker,
+) -> TrainResult:
+    """Train the segmenter, keeping its candidates; write ``candidates.json`` and the history."""
     settings = train_settings(cfg, len(slices))
-    tracker.log_params(
-        {
-            "view": view,
-            "train_cases": len(train_cases),
-            "val_cases": len(val),
-            "train_slices": len(slices),
-            "epochs": settings.epochs,
-        }
-    )
+    tracker.log_params({"view": view, **counts, "epochs": settings.epochs})
     meta = {"segmenter": cfg.segmenter.name, "params": cfg.segmenter.params, "view": view}
     result = train_segmenter(
         model, slices, val, settings, view_dir, model_meta=meta, log_metrics=tracker.log_metrics
@@ -176,7 +195,20 @@ def _train_view(
         [{**c.to_dict(), "view": view} for c in result.checkpoints],
     )
     atomic.write_json(view_dir / "training" / "history.json", result.history)
+    return result
 
+
+def _train_qc_module(
+    slices: SliceSet,
+    val: Sequence[ValCase],
+    train_cases: Sequence[PreparedCase],
+    view: str,
+    view_dir: Path,
+    cfg: QcloopConfig,
+    tracker: Tracker,
+) -> None:
+    """Train the QC module on the ground-truth masks; write ``qc.pt``, the training masks'
+    reference pose and the QC module's history."""
     qc = build_qc_module(cfg.qc.module.name, qc_params(cfg, view, len(slices)))
     qc_history = qc.fit(
         slices.labels,
@@ -191,23 +223,6 @@ def _train_view(
     except ValueError as exc:
         log.warning("%s: no reference pose recorded: %s", view, exc)
     atomic.write_json(view_dir / "training" / "qc_history.json", jsonable(qc_history))
-
-    model_set = load_model_set(run, view, cfg)
-    fences = calibrate_reference_fences(model_set, val_cases, cfg, tracker=tracker)
-    save_reference_fences(view_dir, fences)
-    if result.checkpoints:
-        tracker.log_metrics({"best_val_dice": float(result.checkpoints[0].val_dice)})
-    for name in ("candidates.json", "fences.json"):
-        log_file(tracker, view_dir / name, view)
-    for name in ("history.json", "qc_history.json"):
-        log_file(tracker, view_dir / "training" / name, f"{view}/training")
-    return {
-        "train_cases": len(train_cases),
-        "val_cases": len(val),
-        "train_slices": len(slices),
-        "candidates": [c.to_dict() for c in result.checkpoints],
-        "skipped": [str(e) for e in errors],
-    }
 
 
 def calibrate_reference_fences(
@@ -230,7 +245,7 @@ def calibrate_reference_fences(
         assessor = make_assessor(model_set, cfg)
         scored = [assessor.score(c.key, c.prepared.image, c.net_spacing)[0] for c in val_cases]
         strategy = build_threshold_strategy(cfg)
-        fences = fit_population_fences(scored, strategy, _phase, skip_unfittable=True)
+        fences = fit_population_fences(scored, strategy, case_phase, skip_unfittable=True)
         fences.update(
             fit_population_fences(scored, strategy, lambda s: "all", skip_unfittable=True)
         )

@@ -156,22 +156,85 @@ def _paint_body(paint, anatomy: Anatomy, u, v, z, coarse: _Points) -> None:
         paint("vessel", _ellipse(u[win] - au_, v[win] - av_, ar, ar), win)
 
 
-def _paint_heart(paint, heart, hp: HeartPhase, u, v, z, coarse: _Points) -> None:
-    """Epicardial fat, atria and aortic root, RV (free wall, cavity), LV (myocardium, cavity,
-    papillary muscles), in painting order, in a window around the heart."""
+@dataclass
+class _HeartFrame:
+    """Points of the window around the heart in the heart's frame: ``x`` towards the RV centre,
+    polar ``r``, ``theta``, and ``zeta`` (mm below the valve plane) with its range."""
+
+    win: tuple[slice, slice]
+    x: np.ndarray
+    y: np.ndarray
+    r: np.ndarray
+    theta: np.ndarray
+    zeta: np.ndarray
+    z_lo: float
+    z_hi: float
+
+
+def _heart_frame(heart, hp: HeartPhase, u, v, z, coarse: _Points) -> _HeartFrame | None:
+    """The heart's frame on the window around the heart (None when the plane misses it)."""
     reach = hp.epi_radius * 1.2 + hp.rv_width + 20.0
     reach = max(reach, hp.epi_radius + heart.ra_size[0] * 1.2 + 20.0)
     win = _window(coarse, u.shape, 0.0, 0.0, reach, (hp.base - 75.0, hp.apex + 8.0))
     if win is None:
-        return
+        return None
     u, v, zeta = u[win], v[win], z[win] - np.float32(hp.base)
-    z_lo, z_hi = float(zeta.min()), float(zeta.max())
     ca, sa = math.cos(heart.rv_angle), math.sin(heart.rv_angle)
     x = u * ca + v * sa  # towards the RV centre
     y = -u * sa + v * ca
-    r = np.hypot(x, y)
-    theta = np.arctan2(y, x)
+    return _HeartFrame(
+        win=win,
+        x=x,
+        y=y,
+        r=np.hypot(x, y),
+        theta=np.arctan2(y, x),
+        zeta=zeta,
+        z_lo=float(zeta.min()),
+        z_hi=float(zeta.max()),
+    )
 
+
+def _paint_heart(paint, heart, hp: HeartPhase, u, v, z, coarse: _Points) -> None:
+    """Epicardial fat, atria and aortic root, RV (free wall, cavity), LV (myocardium, cavity,
+    papillary muscles), in painting order, in a window around the heart."""
+    f = _heart_frame(heart, hp, u, v, z, coarse)
+    if f is None:
+        return
+    endo, epi = _wall_profiles(heart, hp, f)
+    above = -f.zeta  # > 0 above the valve plane
+    epi_r = hp.epi_radius * epi
+    f_epi = _spheroid(f.r, f.zeta, epi_r, hp.epi_length)
+    # Epicardial surface radius at this height (0 beyond the apex): the RV wraps around it.
+    r_epi = epi_r * np.sqrt(np.clip(1.0 - (f.zeta / hp.epi_length) ** 2, 0.0, 1.0))
+    has_rv = f.z_lo < hp.rv_length
+    if has_rv:
+        f_rv_wall, f_rv = _right_ventricle(heart, hp, f, r_epi, above)
+        envelope = np.minimum(f_epi, f_rv_wall)
+    else:
+        envelope = f_epi
+    paint("fat", np.maximum(envelope - _fat_thickness(heart, f), above - 4.0), f.win)
+    if f.z_lo < 0:
+        _paint_atria_and_root(paint, heart, hp, f)
+    if has_rv:
+        paint("rv_wall", f_rv_wall, f.win)
+        paint("rv_blood", f_rv, f.win)
+    if f.z_lo >= hp.epi_length or f.z_hi <= 0:
+        return
+    paint("myocardium", f_epi, f.win)
+    f_cav = _spheroid(f.r, f.zeta, hp.cavity_radius * endo, hp.cavity_length)
+    paint("lv_blood", f_cav, f.win)
+    mid, half = 0.5 * hp.cavity_length, 0.25 * hp.cavity_length
+    if f.z_lo < mid + half and f.z_hi > mid - half:
+        for angle in heart.papillary_angles:
+            # Inside the cavity only: labelled LV, never pushing into the myocardium.
+            papillary = _papillary(f.x, f.y, f.zeta, hp, angle)
+            paint("papillary", np.maximum(papillary, f_cav), f.win)
+
+
+def _wall_profiles(heart, hp: HeartPhase, f: _HeartFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Relative endocardial and epicardial radii by angle: ellipticity, ripples, the septal
+    bulge and the D-shape's flattened septum."""
+    theta, zeta = f.theta, f.zeta
     shape = heart.ellipticity * np.cos(2 * (theta - heart.ellipse_angle))
     endo = 1.0 + shape + _ripple(theta, heart.endo_ripple)
     epi = 1.0 + shape + _ripple(theta, heart.epi_ripple)
@@ -183,69 +246,58 @@ def _paint_heart(paint, heart, hp: HeartPhase, u, v, z, coarse: _Points) -> None
         safe = np.maximum(np.cos(theta), 1e-3)
         endo = np.minimum(endo, flat / (hp.cavity_radius * safe))
         epi = np.minimum(epi, (flat + hp.epi_radius - hp.cavity_radius) / (hp.epi_radius * safe))
+    return endo, epi
 
-    above = -zeta  # > 0 above the valve plane
-    epi_r = hp.epi_radius * epi
-    f_epi = _spheroid(r, zeta, epi_r, hp.epi_length)
-    # Epicardial surface radius at this height (0 beyond the apex): the RV wraps around it.
-    r_epi = epi_r * np.sqrt(np.clip(1.0 - (zeta / hp.epi_length) ** 2, 0.0, 1.0))
 
-    has_rv = z_lo < hp.rv_length
-    if has_rv:
-        span = theta - heart.rv_skew
-        along = np.clip(np.abs(span) / heart.rv_half_span, 0.0, 1.0)
-        taper = np.clip(1.0 - (np.maximum(zeta, 0.0) / hp.rv_length) ** 3, 0.0, 1.0) ** 0.6
-        width = hp.rv_width * np.maximum(np.cos(0.5 * math.pi * along), 0.0) ** 0.4 * taper
-        rv_outer = r_epi + width
-        wall = heart.rv_free_wall * np.minimum(1.0, 3.0 * taper)
-        angular = (np.abs(span) - heart.rv_half_span) * np.maximum(r_epi, 10.0)
-        beyond = zeta - hp.rv_length
-        inner = r_epi - 3.0 - r
-        bounds = np.maximum(np.maximum(inner, beyond), above)
-        f_rv_wall = np.maximum(np.maximum(bounds, r - rv_outer - wall), angular - 6.0)
-        f_rv = np.maximum(np.maximum(bounds, r - rv_outer), angular)
-        envelope = np.minimum(f_epi, f_rv_wall)
-    else:
-        envelope = f_epi
+def _right_ventricle(
+    heart, hp: HeartPhase, f: _HeartFrame, r_epi: np.ndarray, above: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Implicit RV free wall (outer surface) and cavity, wrapped around the epicardium."""
+    span = f.theta - heart.rv_skew
+    along = np.clip(np.abs(span) / heart.rv_half_span, 0.0, 1.0)
+    taper = np.clip(1.0 - (np.maximum(f.zeta, 0.0) / hp.rv_length) ** 3, 0.0, 1.0) ** 0.6
+    width = hp.rv_width * np.maximum(np.cos(0.5 * math.pi * along), 0.0) ** 0.4 * taper
+    rv_outer = r_epi + width
+    wall = heart.rv_free_wall * np.minimum(1.0, 3.0 * taper)
+    angular = (np.abs(span) - heart.rv_half_span) * np.maximum(r_epi, 10.0)
+    beyond = f.zeta - hp.rv_length
+    inner = r_epi - 3.0 - f.r
+    bounds = np.maximum(np.maximum(inner, beyond), above)
+    f_rv_wall = np.maximum(np.maximum(bounds, f.r - rv_outer - wall), angular - 6.0)
+    f_rv = np.maximum(np.maximum(bounds, f.r - rv_outer), angular)
+    return f_rv_wall, f_rv
 
+
+def _fat_thickness(heart, f: _HeartFrame) -> np.ndarray:
+    """Epicardial fat thickness (mm) by angle."""
     t0, t1, p1, t2, p2 = heart.fat
     # The angular variation fades near the long axis, where the angle is undefined.
-    vary = (t1 * np.cos(theta - p1) + t2 * np.cos(2 * theta - p2)) * np.minimum(r / 15.0, 1.0)
-    fat = np.maximum(t0 + vary, 0.0)
-    paint("fat", np.maximum(envelope - fat, above - 4.0), win)
-    if z_lo < 0:
-        f_atria = np.minimum(
-            _atrium(x, y, zeta, heart.la_size, -0.35 * hp.epi_radius, -0.3 * hp.epi_radius, hp),
-            _atrium(
-                x,
-                y,
-                zeta,
-                heart.ra_size,
-                hp.epi_radius + 0.5 * heart.ra_size[0],
-                -0.15 * hp.epi_radius,
-                hp,
-            ),
-        )
-        rad = heart.aortic_root
-        f_ao = _ellipse(x - 0.3 * hp.epi_radius, y - 0.6 * hp.epi_radius, rad, rad)
-        f_ao = np.maximum(np.maximum(f_ao, zeta - 1.0), -zeta - 45.0)
-        paint("muscle", np.maximum(f_atria - 1.2, zeta), win)
-        paint("atrium", np.maximum(f_atria, zeta), win)
-        paint("muscle", f_ao - 1.5, win)
-        paint("vessel", f_ao, win)
-    if has_rv:
-        paint("rv_wall", f_rv_wall, win)
-        paint("rv_blood", f_rv, win)
-    if z_lo >= hp.epi_length or z_hi <= 0:
-        return
-    paint("myocardium", f_epi, win)
-    f_cav = _spheroid(r, zeta, hp.cavity_radius * endo, hp.cavity_length)
-    paint("lv_blood", f_cav, win)
-    mid, half = 0.5 * hp.cavity_length, 0.25 * hp.cavity_length
-    if z_lo < mid + half and z_hi > mid - half:
-        for angle in heart.papillary_angles:
-            # Inside the cavity only: labelled LV, never pushing into the myocardium.
-            paint("papillary", np.maximum(_papillary(x, y, zeta, hp, angle), f_cav), win)
+    vary = (t1 * np.cos(f.theta - p1) + t2 * np.cos(2 * f.theta - p2)) * np.minimum(f.r / 15.0, 1.0)
+    return np.maximum(t0 + vary, 0.0)
+
+
+def _paint_atria_and_root(paint, heart, hp: HeartPhase, f: _HeartFrame) -> None:
+    """Both atria (wall, then blood) and the aortic root (wall, then lumen) above the valves."""
+    x, y, zeta = f.x, f.y, f.zeta
+    f_atria = np.minimum(
+        _atrium(x, y, zeta, heart.la_size, -0.35 * hp.epi_radius, -0.3 * hp.epi_radius, hp),
+        _atrium(
+            x,
+            y,
+            zeta,
+            heart.ra_size,
+            hp.epi_radius + 0.5 * heart.ra_size[0],
+            -0.15 * hp.epi_radius,
+            hp,
+        ),
+    )
+    rad = heart.aortic_root
+    f_ao = _ellipse(x - 0.3 * hp.epi_radius, y - 0.6 * hp.epi_radius, rad, rad)
+    f_ao = np.maximum(np.maximum(f_ao, zeta - 1.0), -zeta - 45.0)
+    paint("muscle", np.maximum(f_atria - 1.2, zeta), f.win)
+    paint("atrium", np.maximum(f_atria, zeta), f.win)
+    paint("muscle", f_ao - 1.5, f.win)
+    paint("vessel", f_ao, f.win)
 
 
 def _atrium(x, y, zeta, size, cx: float, cy: float, hp: HeartPhase) -> np.ndarray:

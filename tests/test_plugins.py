@@ -315,8 +315,11 @@ def test_entry_point_plugin_that_fails_to_import(install_plugin: InstallPlugin) 
 # --------------------------------------------------------------------------- command line
 
 
-def test_plugins_command_json_lists_the_entry_point_plugin(install_plugin: InstallPlugin) -> None:
+def test_plugins_command_json_lists_the_entry_point_plugin(
+    install_plugin: InstallPlugin, plugin_env: pytest.MonkeyPatch
+) -> None:
     install_plugin()
+    plugin_env.setenv("QCLOOP_LOAD_PLUGINS", "fakeplug")  # other installed plugins stay out
     result = CliRunner().invoke(cli, ["plugins", "--json"])
     assert result.exit_code == 0, result.output
     listed = json.loads(result.output)
@@ -332,8 +335,11 @@ def test_plugins_command_json_lists_the_entry_point_plugin(install_plugin: Insta
     ]
 
 
-def test_plugins_command_table(install_plugin: InstallPlugin) -> None:
+def test_plugins_command_table(
+    install_plugin: InstallPlugin, plugin_env: pytest.MonkeyPatch
+) -> None:
     install_plugin()
+    plugin_env.setenv("QCLOOP_LOAD_PLUGINS", "fakeplug")  # other installed plugins stay out
     result = CliRunner().invoke(cli, ["plugins"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()

@@ -32,12 +32,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
 from qcloop.monitor import hookimpl
+from qcloop.monitor.core.fences import FencesRecord, checked_scores
 
 __all__ = ["MIN_CONFIDENT_CASES", "Fences", "IQRThresholds", "register_threshold_strategies"]
 
@@ -49,25 +50,12 @@ _POPULATIONS: tuple[str, ...] = ("reference", "transductive")
 #: Fewer usable cases than this give low-confidence fences (widened to the sample range).
 MIN_CONFIDENT_CASES = 4
 
-_FLOAT_FIELDS = (
-    "pdc_low",
-    "phd_high",
-    "pdc_q1",
-    "pdc_q3",
-    "pdc_iqr",
-    "pdc_spread",
-    "phd_q1",
-    "phd_q3",
-    "phd_iqr",
-    "phd_spread",
-    "k",
-)
 _INT_FIELDS = ("n_used", "n_excluded_penalised")
 _BOOL_FIELDS = ("pdc_degenerate", "phd_degenerate", "low_confidence", "pdc_low_clamped")
 
 
 @dataclass(frozen=True)
-class Fences:
+class Fences(FencesRecord):
     """Outlier fences on pDC and pHD (mm) and the statistics they were computed from.
 
     Attributes:
@@ -105,88 +93,13 @@ class Fences:
     pdc_low_clamped: bool
 
     def __post_init__(self) -> None:
-        for name in _FLOAT_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"Fences.{name} must be a number, got {value!r}")
-            if not math.isfinite(value):
-                raise ValueError(f"Fences.{name} must be finite, got {value!r}")
-            object.__setattr__(self, name, float(value))
-        for name in _INT_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"Fences.{name} must be a non-negative integer, got {value!r}")
-        for name in _BOOL_FIELDS:
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"Fences.{name} must be a bool, got {getattr(self, name)!r}")
+        self._check_fields(ints=_INT_FIELDS, bools=_BOOL_FIELDS, strings=("population",))
         if self.n_used < 1:
             raise ValueError("Fences need at least one usable (non-penalised) case")
         if self.population not in _POPULATIONS:
             raise ValueError(
                 f"Fences.population must be one of {_POPULATIONS}, got {self.population!r}"
             )
-
-    def is_outlier(self, pdc: float, phd: float) -> bool:
-        """Whether a case with this pDC and pHD (mm) lies outside the fences."""
-        if not (math.isfinite(pdc) and math.isfinite(phd)):
-            raise ValueError(f"pDC and pHD must be finite, got pDC={pdc!r}, pHD={phd!r}")
-        return pdc < self.pdc_low or phd > self.phd_high
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fences as a JSON-serialisable dict (finite numbers, ints, bools and strings)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Fences:
-        """Fences from a dict written by :meth:`to_dict`; missing, unknown or non-finite values raise."""
-        names = {f.name for f in fields(cls)}
-        missing = sorted(names - set(data))
-        unknown = sorted(set(data) - names)
-        if missing or unknown:
-            raise ValueError(f"invalid Fences dict: missing keys {missing}, unknown keys {unknown}")
-        return cls(**{name: data[name] for name in names})
-
-
-def _as_finite_vector(values: Sequence[float], name: str) -> np.ndarray:
-    """``values`` as a 1-D float64 array; raises naming the first NaN or inf."""
-    array = np.asarray(values, dtype=np.float64)
-    if array.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D sequence of numbers, got shape {array.shape}")
-    bad = np.flatnonzero(~np.isfinite(array))
-    if bad.size:
-        index = int(bad[0])
-        raise ValueError(
-            f"{name}[{index}] is {float(array[index])} ({bad.size} non-finite value(s)); "
-            "quality scores must be finite (an empty-mask penalty must be a finite number)"
-        )
-    return array
-
-
-def _checked_scores(
-    pdc: Sequence[float], phd: Sequence[float], penalised: Sequence[bool] | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """pDC, pHD and the penalised mask as arrays, after checking that they are finite, in range
-    and of one length; raises ``ValueError`` naming the problem."""
-    pdc_all = _as_finite_vector(pdc, "pDC")
-    phd_all = _as_finite_vector(phd, "pHD")
-    if pdc_all.size != phd_all.size:
-        raise ValueError(f"pDC has {pdc_all.size} values but pHD has {phd_all.size}")
-    if pdc_all.size == 0:
-        raise ValueError("cannot fit fences on no cases: pDC and pHD are empty")
-    if pdc_all.min() < 0 or pdc_all.max() > 1:
-        raise ValueError(f"pDC values must lie in [0, 1], got [{pdc_all.min()}, {pdc_all.max()}]")
-    if phd_all.min() < 0:
-        raise ValueError(f"pHD values must be >= 0 mm, got minimum {phd_all.min()}")
-    if penalised is None:
-        return pdc_all, phd_all, np.zeros(pdc_all.size, dtype=bool)
-    mask = np.asarray(penalised)
-    if mask.ndim != 1 or mask.size != pdc_all.size:
-        raise ValueError(
-            f"penalised must have one flag per case ({pdc_all.size}), got shape {mask.shape}"
-        )
-    if mask.dtype != bool:
-        raise ValueError(f"penalised must hold booleans, got dtype {mask.dtype}")
-    return pdc_all, phd_all, mask
 
 
 def _spread(values: np.ndarray, q1: float, q3: float, floor: float, few: bool) -> float:
@@ -264,7 +177,7 @@ class IQRThresholds:
             ValueError: empty or mismatched inputs, NaN/inf, out-of-range values, or no
                 non-penalised case left.
         """
-        pdc_all, phd_all, mask = _checked_scores(pdc, phd, penalised)
+        pdc_all, phd_all, mask = checked_scores(pdc, phd, penalised)
         pdc_used, phd_used = pdc_all[~mask], phd_all[~mask]
         n_used, n_penalised = int(pdc_used.size), int(mask.sum())
         if n_used == 0:

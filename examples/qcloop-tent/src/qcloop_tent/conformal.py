@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from qcloop.monitor.core.fences import FencesRecord, checked_scores
 
 __all__ = ["ConformalFences", "ConformalThresholds", "min_reference_cases", "order_rank"]
 
@@ -57,7 +58,7 @@ def min_reference_cases(alpha: float) -> int:
 
 
 @dataclass(frozen=True)
-class ConformalFences:
+class ConformalFences(FencesRecord):
     """Order-statistic fences on pDC and pHD (mm), with how they were calibrated.
 
     Attributes:
@@ -81,21 +82,7 @@ class ConformalFences:
     n_excluded_penalised: int
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in _INT_FIELDS:
-                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                    raise ValueError(
-                        f"ConformalFences.{f.name} must be an integer >= 0, got {value!r}"
-                    )
-            elif (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not math.isfinite(value)
-            ):
-                raise ValueError(f"ConformalFences.{f.name} must be a finite number, got {value!r}")
-            else:
-                object.__setattr__(self, f.name, float(value))
+        self._check_fields(ints=_INT_FIELDS)
         if not 0 < self.alpha < 1:
             raise ValueError(f"ConformalFences.alpha must lie in (0, 1), got {self.alpha!r}")
         if min(self.rank_pdc, self.rank_phd) < 1 or self.n_used < max(self.rank_pdc, self.rank_phd):
@@ -103,54 +90,6 @@ class ConformalFences:
                 f"ConformalFences: ranks ({self.rank_pdc}, {self.rank_phd}) must lie in "
                 f"1..n_used ({self.n_used})"
             )
-
-    def is_outlier(self, pdc: float, phd: float) -> bool:
-        """Whether a case with this pDC and pHD (mm) lies outside the fences."""
-        if not (math.isfinite(pdc) and math.isfinite(phd)):
-            raise ValueError(f"pDC and pHD must be finite, got pDC={pdc!r}, pHD={phd!r}")
-        return pdc < self.pdc_low or phd > self.phd_high
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fences as a JSON-serialisable dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ConformalFences:
-        """Fences from :meth:`to_dict`'s dict; missing, unknown or invalid values raise."""
-        names = {f.name for f in fields(cls)}
-        missing, unknown = sorted(names - set(data)), sorted(set(data) - names)
-        if missing or unknown:
-            raise ValueError(
-                f"not conformal fences: missing keys {missing}, unknown keys {unknown}"
-            )
-        return cls(**{name: data[name] for name in names})
-
-
-def _finite_vector(values: Sequence[float], name: str) -> np.ndarray:
-    """``values`` as a 1-D float array; raises naming the first NaN or inf."""
-    array = np.asarray(values, dtype=np.float64)
-    if array.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D sequence of numbers, got shape {array.shape}")
-    bad = np.flatnonzero(~np.isfinite(array))
-    if bad.size:
-        raise ValueError(
-            f"{name}[{int(bad[0])}] is {float(array[bad[0]])} ({bad.size} non-finite value(s)); "
-            "conformal fences need finite quality scores"
-        )
-    return array
-
-
-def _penalised_mask(penalised: Sequence[bool] | None, n: int) -> np.ndarray:
-    """``penalised`` as a boolean mask of ``n`` cases (all False for ``None``)."""
-    if penalised is None:
-        return np.zeros(n, dtype=bool)
-    mask = np.asarray(penalised)
-    if mask.shape != (n,) or mask.dtype != bool:
-        raise ValueError(
-            f"penalised must hold one boolean per case ({n}), got shape {mask.shape} "
-            f"and dtype {mask.dtype}"
-        )
-    return mask
 
 
 class ConformalThresholds:
@@ -196,12 +135,7 @@ class ConformalThresholds:
             ValueError: mismatched or non-finite inputs, values out of range, or fewer
                 usable (non-penalised) cases than ``alpha`` needs.
         """
-        pdc_all, phd_all = _finite_vector(pdc, "pDC"), _finite_vector(phd, "pHD")
-        if pdc_all.size != phd_all.size:
-            raise ValueError(f"pDC has {pdc_all.size} values but pHD has {phd_all.size}")
-        if pdc_all.size and (pdc_all.min() < 0 or pdc_all.max() > 1 or phd_all.min() < 0):
-            raise ValueError("pDC values must lie in [0, 1] and pHD values must be >= 0 mm")
-        mask = _penalised_mask(penalised, pdc_all.size)
+        pdc_all, phd_all, mask = checked_scores(pdc, phd, penalised)
         pdc_used, phd_used = np.sort(pdc_all[~mask]), np.sort(phd_all[~mask])
         n, needed = int(pdc_used.size), self.min_cases()
         if n < needed:

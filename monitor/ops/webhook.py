@@ -20,10 +20,11 @@ import hmac
 import json
 import logging
 import os
-import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from qcloop.monitor.core.background_server import BackgroundServer
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def parse_payload(body: bytes) -> list[dict[str, Any]]:
     return out
 
 
-class AlertmanagerWebhook:
+class AlertmanagerWebhook(BackgroundServer):
     """An HTTP receiver of Alertmanager webhooks, served from a background thread.
 
     Args:
@@ -105,38 +106,9 @@ class AlertmanagerWebhook:
             raise WebhookError("the Alertmanager webhook needs a non-empty shared secret")
         self._on_alert = on_alert
         self._expected = f"Bearer {secret}".encode()
-        handler = self._handler_class()
-        self._server = ThreadingHTTPServer((host, port), handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="qcloop-webhook", daemon=True
-        )
-
-    @property
-    def host(self) -> str:
-        """Bound address."""
-        return str(self._server.server_address[0])
-
-    @property
-    def port(self) -> int:
-        """Bound port."""
-        return int(self._server.server_address[1])
-
-    @property
-    def url(self) -> str:
-        """The URL Alertmanager should post to."""
-        return f"http://{self.host}:{self.port}{WEBHOOK_PATH}"
-
-    def start(self) -> AlertmanagerWebhook:
-        """Start serving; returns ``self``."""
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        """Stop serving and release the port."""
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        server = ThreadingHTTPServer((host, port), self._handler_class())
+        server.daemon_threads = True
+        super().__init__(server, WEBHOOK_PATH, name="qcloop-webhook")
 
     def authorised(self, header: str | None) -> bool:
         """Whether an ``Authorization`` header carries the shared secret (constant time)."""

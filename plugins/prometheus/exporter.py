@@ -39,8 +39,9 @@ from qcloop.monitor import (
     WindowChanged,
     hookimpl,
 )
+from qcloop.monitor.core.background_server import BackgroundServer
 from qcloop.plugins.prometheus.http import HttpMetrics, mount_metrics
-from qcloop.plugins.prometheus.metrics import MetricsServer, QcMetrics
+from qcloop.plugins.prometheus.metrics import QcMetrics
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class _Exported:
     service: ServiceInfo
     qc: QcMetrics
     http: HttpMetrics | None = None
-    server: MetricsServer | None = None
+    server: BackgroundServer | None = None
 
 
 _services: dict[str, _Exported] = {}

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 from typing import Any
 
 from qcloop.monitor import (
@@ -47,10 +46,11 @@ from qcloop.monitor import (
     ModelVersionRegistered,
     WindowChanged,
 )
+from qcloop.monitor.core.background_server import BackgroundServer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MetricsServer", "QcMetrics"]
+__all__ = ["QcMetrics"]
 
 PDC_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0)
 PHD_BUCKETS_MM = (1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0, 100.0, 200.0)
@@ -239,38 +239,9 @@ class QcMetrics:
 
         return generate_latest(self.registry)
 
-    def serve(self, host: str = "127.0.0.1", port: int = 0) -> MetricsServer:
+    def serve(self, host: str = "127.0.0.1", port: int = 0) -> BackgroundServer:
         """Serve ``/metrics`` over HTTP in a background thread (``port=0``: a free port)."""
         from prometheus_client import start_http_server
 
         server, thread = start_http_server(port, addr=host, registry=self.registry)
-        return MetricsServer(server, thread)
-
-
-class MetricsServer:
-    """A running ``/metrics`` HTTP server."""
-
-    def __init__(self, server: Any, thread: threading.Thread) -> None:
-        self._server = server
-        self._thread = thread
-
-    @property
-    def host(self) -> str:
-        """Bound address."""
-        return str(self._server.server_address[0])
-
-    @property
-    def port(self) -> int:
-        """Bound port."""
-        return int(self._server.server_address[1])
-
-    @property
-    def url(self) -> str:
-        """The URL Prometheus scrapes."""
-        return f"http://{self.host}:{self.port}/metrics"
-
-    def close(self) -> None:
-        """Stop serving and release the port."""
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        return BackgroundServer(server, "/metrics", thread)

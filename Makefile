@@ -11,11 +11,14 @@ DEMO_OUT ?= qcloop-demo
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Every extra (.[all]) and the outside example plugin (examples/qcloop-tent: its tests and the
+# TENT demo option need it installed); tests/test_base_install.py checks the base install alone.
+$(VENV)/.installed: pyproject.toml examples/qcloop-tent/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[all,dev]"
+	$(BIN)/pip install --quiet -e examples/qcloop-tent
 	touch $@
 
 demo: setup

@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from qcloop.deploy.commands.extras import need
 from qcloop.deploy.commands.serve import registered_runtime
+from qcloop.monitor.cli.extras import need
 
 __all__ = ["inference", "inference_table", "serve_benchmark", "serve_table"]
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from qcloop.deploy.commands.extras import need
+from qcloop.monitor.cli.extras import need
 
 __all__ = ["export_onnx", "export_triton"]
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from qcloop.deploy.commands.extras import need
+from qcloop.monitor.cli.extras import need
 
 log = logging.getLogger(__name__)
 

@@ -57,7 +57,10 @@ def phantoms(out_dir: Path, preset: str, seed: int, workers: int | None) -> None
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subjects shown.")
 def gallery(out_png_dir: Path, seed: int) -> None:
     """Render example phantom slices per vendor and per pathology into OUT_PNG_DIR
-    (phantom-vendors.png, phantom-pathologies.png)."""
+    (phantom-vendors.png, phantom-pathologies.png). Needs the report extra (matplotlib)."""
+    from qcloop.monitor.cli.extras import need
+
+    need("qcloop phantoms-gallery", "report", "matplotlib")
     from qcloop.monitor.phantoms.gallery import write_gallery
 
     for path in write_gallery(out_png_dir, seed=seed):

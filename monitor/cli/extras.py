@@ -1,4 +1,4 @@
-"""The optional extras a deploy command needs, checked when it runs."""
+"""The optional extras a command needs, checked when it runs (before any heavy import)."""
 
 from __future__ import annotations
 

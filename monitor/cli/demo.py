@@ -45,6 +45,13 @@ def demo(
             config = override_config(demo_config(quick, seed), config_path)
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from None
-    result = run_demo(out_dir, quick=quick, seed=seed, workers=workers, config=config)
+    command = " ".join(
+        ["qcloop demo", *(["--quick"] if quick else []), "--out", str(out_dir)]
+        + (["--seed", str(seed)] if seed else [])
+        + (["--config", str(config_path)] if config_path is not None else [])
+    )
+    result = run_demo(
+        out_dir, quick=quick, seed=seed, workers=workers, config=config, command=command
+    )
     click.echo((out_dir / "ablation.md").read_text())
     click.echo(f"demo finished in {result['meta']['seconds']:.0f} s; results in {out_dir}")

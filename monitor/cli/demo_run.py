@@ -124,11 +124,13 @@ def run_demo(
     workers: int | None = None,
     preset: str | None = None,
     config: QcloopConfig | None = None,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Run the whole demo into ``out``; returns the ablation tables (also written to disk).
 
     ``preset`` and ``config`` override the phantom preset and configuration that ``quick``
-    chooses (tests use the tiny preset with tiny networks).
+    chooses (tests use the tiny preset with tiny networks); ``command`` is the command line
+    recorded with the results (default: the ``qcloop demo`` line these arguments make).
     With ``tracking.tracker`` configured, the demo is one tracked run holding the training and
     refinement runs, the ablation table as metrics and its files as artifacts.
     """
@@ -143,7 +145,8 @@ def run_demo(
     tracker = make_tracker(cfg)
     with tracker.start_run(f"demo {out.name}", tags={"qcloop.kind": "demo"}):
         tracker.log_params({"quick": quick, "seed": seed, "preset": preset})
-        result = _run_demo(out, cfg, quick, seed, workers, preset, tracker, t0, timings)
+        command = command or f"qcloop demo{' --quick' if quick else ''} --out {out}"
+        result = _run_demo(out, cfg, command, seed, workers, preset, tracker, t0, timings)
         _log_demo(tracker, out, result)
     return result
 
@@ -175,7 +178,7 @@ def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
 def _run_demo(
     out: Path,
     cfg: QcloopConfig,
-    quick: bool,
+    command: str,
     seed: int,
     workers: int | None,
     preset: str,
@@ -208,7 +211,7 @@ def _run_demo(
         full = evaluate_run(out / "run-refined", data, cfg)
     tables = ablation_tables(base, full)
     meta = {
-        "command": f"qcloop demo{' --quick' if quick else ''} --out {out}",
+        "command": command,
         "seconds": time.perf_counter() - t0,
         "timings_s": timings,
         "preset": preset,

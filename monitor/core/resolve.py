@@ -52,16 +52,18 @@ def build_runtime(
     name: str, run_dir: Path, view: str, cfg: QcloopConfig | None = None, **params: Any
 ) -> Runtime:
     """The registered runtime ``name`` for ``view`` of the run folder ``run_dir`` (``cfg``: the
-    run's configuration, read from the folder when ``None``)."""
+    run's configuration, read from ``run_dir/config.yaml`` when ``None``)."""
     from pathlib import Path
 
+    from qcloop.monitor.core.config import load_config
     from qcloop.monitor.core.plugin_manager import get_plugin_manager
 
     factory = get_plugin_manager().runtimes()[name].factory
     if cfg is None:
-        from qcloop.monitor.method.run_folder import load_run_config
-
-        cfg = load_run_config(run_dir)
+        config_file = Path(run_dir) / "config.yaml"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file}: missing - not a qcloop run folder")
+        cfg = load_config(config_file)
     return factory(Path(run_dir), view, cfg, **params)
 
 

@@ -83,8 +83,11 @@ def save_candidates(
     atomic.write_json(view_dir / "candidates.json", entries)
 
 
-def load_model_set(run: str | Path, view: str, config: QcloopConfig | None = None) -> ModelSet:
-    """Load the model set of ``view`` from run folder ``run``."""
+def load_model_set(
+    run: str | Path, view: str, config: QcloopConfig | None = None, *, fences: bool = True
+) -> ModelSet:
+    """Load the model set of ``view`` from run folder ``run`` (without its fences when
+    ``fences`` is false: training, which is about to calibrate new ones)."""
     run = Path(run)
     view_dir = run / view
     manifest = view_dir / "candidates.json"
@@ -115,7 +118,7 @@ def load_model_set(run: str | Path, view: str, config: QcloopConfig | None = Non
         candidates=candidates,
         candidate_info=entries,
         qc=qc,
-        fences=load_fences(run, view),
+        fences=load_fences(run, view) if fences else {},
         pose=load_pose(run, view),
     )
 

@@ -157,7 +157,7 @@ def _train_view(
     )
     result = _train_candidates(model, slices, val, view, view_dir, cfg, counts, tracker)
     _train_qc_module(slices, val, train_cases, view, view_dir, cfg, tracker)
-    model_set = load_model_set(run, view, cfg)
+    model_set = load_model_set(run, view, cfg, fences=False)  # new fences replace any old ones
     fences = calibrate_reference_fences(model_set, val_cases, cfg, tracker=tracker)
     save_reference_fences(view_dir, fences)
     if result.checkpoints:

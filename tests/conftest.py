@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,3 +76,24 @@ def tiny_run(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     result = CliRunner().invoke(cli, [*args, "--config", str(root / "config.yaml")])
     assert result.exit_code == 0, result.output
     return run
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """PyTorch on one thread for a module (``pytestmark = pytest.mark.usefixtures(...)``): two
+    threads slow down several-fold when other processes share the machine's two cores (docs of
+    the stack); restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def run_copy(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the session's ``tiny_run`` for one module to change."""
+    dst = tmp_path_factory.mktemp("monitor-run") / "run"
+    shutil.copytree(tiny_run, dst)
+    return dst

@@ -73,6 +73,40 @@ def test_the_check_sees_every_kind_of_import() -> None:
         assert not layering_violations(fine), fine
 
 
+#: Layers inside the core: a module imports only from its own layer or those below it.
+CORE_LAYERS = {
+    "core": 0,
+    "data": 1,
+    "phantoms": 1,
+    "method": 2,
+    "ops": 3,
+    "cli": 4,
+    "benchmarks": 4,
+}
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    if parts[:2] != ["qcloop", "monitor"] or len(parts) < 3:
+        return None
+    return CORE_LAYERS.get(parts[2])
+
+
+def test_core_layers_import_only_downwards() -> None:
+    problems = []
+    for path in _core_modules():
+        rel = path.relative_to(CORE)
+        own = CORE_LAYERS.get(rel.parts[0]) if len(rel.parts) > 1 else None
+        if own is None:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                target = _layer(node.module)
+                if target is not None and target > own:
+                    problems.append(f"monitor/{rel}:{node.lineno}: {node.module}")
+    assert not problems, "an inner layer imports an outer one:\n" + "\n".join(problems)
+
+
 @pytest.mark.parametrize("folder", ["plugins", "segmenters", "qc_modules", "deploy"])
 def test_built_ins_are_plugins_loaded_by_name(folder: str) -> None:
     from qcloop.monitor.core.plugin_manager import DEFAULT_PLUGINS

@@ -1,121 +1,60 @@
 """`qcloop monitor`: inbox processing, restart idempotence, rejection of bad files, the drift
-policy, refinement on alerts, the Alertmanager webhook, the metrics endpoint (the Prometheus
-exporter, fed by the monitor's events only), and the events any other plugin receives."""
+policy, refinement on alerts, the Alertmanager webhook, and the metrics endpoint (the Prometheus
+exporter, fed by the monitor's events only). The events themselves: test_monitor_events.py."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from qcloop.monitor import (
-    AdmissionChanged,
-    CaseFailed,
-    CaseScored,
-    DriftAlert,
-    ModelRef,
-    ModelRefined,
-    ModelsLoaded,
-    ModelVersionPromoted,
-    ModelVersionRegistered,
-    ServiceInfo,
-    WindowChanged,
     WindowStats,
-    hookimpl,
 )
-from qcloop.monitor.core.config import QcloopConfig, RefinementConfig
-from qcloop.monitor.core.plugin_manager import get_plugin_manager
+from qcloop.monitor.core.config import RefinementConfig
 from qcloop.monitor.data import discover
-from qcloop.monitor.method.run_folder import load_run_config
 from qcloop.monitor.ops.drift import DriftLimits, judge_drift
 from qcloop.monitor.ops.inbox import read_identity
 from qcloop.monitor.ops.ledger import JsonlLog
 from qcloop.monitor.ops.monitor import Monitor
 from qcloop.monitor.ops.webhook import AlertmanagerWebhook, parse_payload
-from qcloop.monitor.ops.windows import ViewWindows
-from qcloop.plugins.prometheus.exporter import service_metrics
+from tests.monitor_support import (
+    FakeRegistry,
+    champions_of,
+    exporter_samples,
+    feed_inbox,
+    monitor_cfg,
+    read_records,
+)
 from tests.prom_servers import free_port
 
 SECRET = "s3cret-for-tests"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """PyTorch on one thread here: two threads slow down several-fold when other processes
-    share the machine's two cores (docs of the stack); restored afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def run_copy(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    dst = tmp_path_factory.mktemp("monitor-run") / "run"
-    shutil.copytree(tiny_run, dst)
-    return dst
-
-
-def _cfg(run: Path, **monitoring: Any) -> QcloopConfig:
-    """The run's configuration; the monitor's own /metrics endpoint off unless a port is set."""
-    base = load_run_config(run)
-    update = {"refine_on_alert": False, "metrics_port": 0, **monitoring}
-    return base.model_copy(update={"monitoring": base.monitoring.model_copy(update=update)})
-
-
-def _champions(run: Path, views: tuple[str, ...] = ("SA", "LA")) -> dict[str, ModelRef]:
-    return {v: ModelRef(f"qcloop-{v}", v, "1", run) for v in views}
-
-
-def _samples(mon: Monitor) -> dict[tuple[str, tuple], float]:
-    """The monitor's metrics, as the exporter keeps them for its service."""
-    metrics = service_metrics(mon.service.id)
-    assert metrics is not None, "the Prometheus exporter did not start for the monitor"
-    out = {}
-    for family in text_string_to_metric_families(metrics.exposition().decode()):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def _feed(inbox: Path, cohort: Path, view: str, vendors: set[str], limit: int) -> list[Path]:
-    inbox.mkdir(parents=True, exist_ok=True)
-    taken = []
-    for src in discover(cohort, views=[view]):
-        if src.vendor in vendors and len(taken) < limit:
-            taken.append(Path(shutil.copy2(src.image_path, inbox / src.image_path.name)))
-    return taken
-
-
-def _records(out: Path) -> list[dict[str, Any]]:
-    return JsonlLog(out / "records.jsonl").read()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_inbox_cases_are_scored_with_records_masks_and_ledger(
     run_copy: Path, tiny_cohort: Path, tmp_path: Path, plugin_env: pytest.MonkeyPatch
 ) -> None:
     inbox, out = tmp_path / "inbox", tmp_path / "out"
-    fed = _feed(inbox, tiny_cohort, "SA", {"A"}, 3) + _feed(inbox, tiny_cohort, "LA", {"B"}, 1)
+    fed = feed_inbox(inbox, tiny_cohort, "SA", {"A"}, 3) + feed_inbox(
+        inbox, tiny_cohort, "LA", {"B"}, 1
+    )
     # a case named without view or phase, described by its sidecar JSON
     src = next(s for s in discover(tiny_cohort, views=["SA"]) if s.vendor == "C")
     shutil.copy2(src.image_path, inbox / "scan-x.nii.gz")
     (inbox / "scan-x.json").write_text(json.dumps({"view": "SA", "phase": "ES", "vendor": "C"}))
-    mon = Monitor(inbox, out, _cfg(run_copy), _champions(run_copy), settle_s=0)
+    mon = Monitor(inbox, out, monitor_cfg(run_copy), champions_of(run_copy), settle_s=0)
     assert mon.step() == 5
     assert sorted(p.name for p in inbox.iterdir()) == []
-    recs = _records(out)
+    recs = read_records(out)
     assert len(recs) == 5 and len({r["sha256"] for r in recs}) == 5
     by_source = {r["source_file"]: r for r in recs}
     side = by_source["scan-x.nii.gz"]
@@ -133,7 +72,7 @@ def test_inbox_cases_are_scored_with_records_masks_and_ledger(
     assert len(discover(out / "processed" / "SA")) == 4
     ledger = [e for e in JsonlLog(out / "ledger.jsonl").read() if e["event"] == "case"]
     assert [e["seq"] for e in ledger] == [1, 2, 3, 4, 5]
-    s = _samples(mon)
+    s = exporter_samples(mon)
     assert s[("qcloop_cases_scored_total", (("model_version", "1"), ("view", "SA")))] == 4
     assert s[("qcloop_window_cases", (("view", "SA"),))] == 4
     ref = s[("qcloop_pdc_reference_median", (("view", "SA"),))]
@@ -147,15 +86,15 @@ def test_restart_scores_nothing_twice_and_loses_nothing(
     run_copy: Path, tiny_cohort: Path, tmp_path: Path, plugin_env: pytest.MonkeyPatch
 ) -> None:
     inbox, out = tmp_path / "inbox", tmp_path / "out"
-    fed = _feed(inbox, tiny_cohort, "SA", {"B", "C"}, 6)
-    cfg, champs = _cfg(run_copy), _champions(run_copy, ("SA",))
+    fed = feed_inbox(inbox, tiny_cohort, "SA", {"B", "C"}, 6)
+    cfg, champs = monitor_cfg(run_copy), champions_of(run_copy, ("SA",))
     first = Monitor(inbox, out, cfg, champs, settle_s=0)
     for path in fed[:3]:
         assert first.process_file(path) == "scored"
     # crash states: the last ledger line never written, an input never moved, a torn append
     ledger_lines = (out / "ledger.jsonl").read_text().splitlines(keepends=True)
     (out / "ledger.jsonl").write_text("".join(ledger_lines[:-1]))
-    moved = out / _records(out)[1]["processed"]
+    moved = out / read_records(out)[1]["processed"]
     shutil.copy2(moved, inbox / fed[1].name)
     moved.unlink()
     with open(out / "records.jsonl", "a") as fh:
@@ -174,7 +113,7 @@ def test_restart_scores_nothing_twice_and_loses_nothing(
     assert len(second.views["SA"].window) == 3  # window restored from the ledger
     second.step()
     assert sorted(calls) == sorted(p.name for p in fed[3:])  # only the new cases were scored
-    recs = _records(out)
+    recs = read_records(out)
     assert len(recs) == 6 and len({r["sha256"] for r in recs}) == 6
     ledger = [e for e in JsonlLog(out / "ledger.jsonl").read() if e["event"] == "case"]
     assert sorted(e["seq"] for e in ledger) == [1, 2, 3, 4, 5, 6]
@@ -183,7 +122,7 @@ def test_restart_scores_nothing_twice_and_loses_nothing(
     # the same content dropped again is a duplicate, not a new case
     shutil.copy2(out / ledger[0]["processed"], inbox / "again_SA_ED.nii.gz")
     second.step()
-    assert (out / "duplicates" / "again_SA_ED.nii.gz").is_file() and len(_records(out)) == 6
+    assert (out / "duplicates" / "again_SA_ED.nii.gz").is_file() and len(read_records(out)) == 6
     second.close()
 
 
@@ -191,8 +130,8 @@ def test_bad_files_are_rejected_with_reasons_and_the_loop_goes_on(
     run_copy: Path, tiny_cohort: Path, tmp_path: Path, plugin_env: pytest.MonkeyPatch
 ) -> None:
     inbox, out = tmp_path / "inbox", tmp_path / "out"
-    good, other, third = _feed(inbox, tiny_cohort, "SA", {"A"}, 3)
-    la = _feed(inbox, tiny_cohort, "LA", {"A"}, 1)[0]
+    good, other, third = feed_inbox(inbox, tiny_cohort, "SA", {"A"}, 3)
+    la = feed_inbox(inbox, tiny_cohort, "LA", {"A"}, 1)[0]
     (inbox / "notes.txt").write_text("not an image")
     (inbox / "broken_SA_ED.nii.gz").write_bytes(b"\x1f\x8b garbage")
     other.rename(inbox / "noview.nii.gz")
@@ -202,7 +141,7 @@ def test_bad_files_are_rejected_with_reasons_and_the_loop_goes_on(
         nib.Nifti1Image(np.full((40, 40, 3), np.nan, np.float32), np.eye(4)),
         inbox / "nan_SA_ED.nii.gz",
     )
-    mon = Monitor(inbox, out, _cfg(run_copy), _champions(run_copy, ("SA",)), settle_s=0)
+    mon = Monitor(inbox, out, monitor_cfg(run_copy), champions_of(run_copy, ("SA",)), settle_s=0)
     mon.step()
     reasons = {
         p.name[: -len(".reason.txt")]: p.read_text()
@@ -224,9 +163,9 @@ def test_bad_files_are_rejected_with_reasons_and_the_loop_goes_on(
     for name in reasons:
         assert (out / "rejected" / name).is_file()
     assert (out / "rejected" / "badside.json").is_file()
-    assert [r["source_file"] for r in _records(out)] == [good.name]
+    assert [r["source_file"] for r in read_records(out)] == [good.name]
     assert list(inbox.iterdir()) == []
-    assert _samples(mon)[("qcloop_case_errors_total", (("stage", "read"),))] == 6
+    assert exporter_samples(mon)[("qcloop_case_errors_total", (("stage", "read"),))] == 6
     mon.close()
 
 
@@ -249,69 +188,18 @@ def test_drift_policy_arithmetic() -> None:
     json.dumps(both.to_dict(), allow_nan=False)
 
 
-class FakeRegistry:
-    """Stands in for the model registry and the promotion gate in fast tests: records the
-    gate's calls, promotes on request; follows ``qcloop@champion``."""
-
-    def __init__(self, promote: bool) -> None:
-        self.promote = promote
-        self.calls: list[dict[str, Any]] = []
-        self.versions = {"SA": "1", "LA": "1"}
-        self.runs: dict[str, Path] = {}
-
-    def gate(
-        self,
-        registry: Any,
-        refined_run: Path,
-        champions: dict[str, ModelRef],
-        cfg: QcloopConfig,
-        *,
-        window_dir: Path,
-        tags: dict[str, str],
-    ) -> dict[str, dict[str, Any]]:
-        """The signature of ``promotion.register_and_gate``."""
-        assert registry is self
-        ((view, champion),) = champions.items()
-        self.calls.append({"run": refined_run, "window": window_dir, "tags": tags})
-        version = str(int(self.versions[view]) + 1)
-        self.runs[view] = refined_run
-        if self.promote:
-            self.versions[view] = version
-        gate = {"passed": self.promote}
-        return {
-            view: {
-                "name": champion.name,
-                "version": version,
-                "gate": gate,
-                "promoted": self.promote,
-            }
-        }
-
-    def alias_versions(self, spec: str) -> dict[str, str]:
-        assert spec == "qcloop@champion", spec
-        return dict(self.versions)
-
-    def resolve(self, spec: str) -> dict[str, ModelRef]:
-        assert spec == "qcloop@champion", spec
-        return {
-            v: ModelRef(f"qcloop-{v}", v, self.versions[v], self.runs[v])
-            for v in self.versions
-            if v in self.runs
-        }
-
-
 def test_alert_refines_registers_and_switches_to_the_promoted_model(
     run_copy: Path, tiny_cohort: Path, tmp_path: Path, plugin_env: pytest.MonkeyPatch
 ) -> None:
     inbox, out = tmp_path / "inbox", tmp_path / "out"
-    fed = _feed(inbox, tiny_cohort, "SA", {"B", "C"}, 8)
-    cfg = _cfg(run_copy, refine_on_alert=True, min_cases=4, ood_fraction_limit=0.3)
+    fed = feed_inbox(inbox, tiny_cohort, "SA", {"B", "C"}, 8)
+    cfg = monitor_cfg(run_copy, refine_on_alert=True, min_cases=4, ood_fraction_limit=0.3)
     registry = FakeRegistry(promote=True)
     mon = Monitor(
         inbox,
         out,
         cfg,
-        _champions(run_copy, ("SA",)),
+        champions_of(run_copy, ("SA",)),
         registry=registry,
         gate_fn=registry.gate,
         refinement=RefinementConfig.model_validate(
@@ -332,7 +220,7 @@ def test_alert_refines_registers_and_switches_to_the_promoted_model(
     assert kinds[-3:] == ["alert", "window_reset", "refinement"]
     refinement = events[-1]
     assert refinement["source"] == "qcloop" and refinement["promoted"] is True
-    first_four = _records(out)[:4]
+    first_four = read_records(out)[:4]
     assert refinement["window_cases"] == 4
     assert refinement["window_ood"] == sum(r["ood"] for r in first_four) >= 1
     assert refinement["refine_summary"]["cases"] == 4
@@ -349,9 +237,9 @@ def test_alert_refines_registers_and_switches_to_the_promoted_model(
     assert mon.views["SA"].champion.version == "2" and len(mon.views["SA"].window) == 0
     for path in fed[4:]:
         mon.process_file(path)
-    assert _records(out)[-1]["model"]["version"] == "2"
+    assert read_records(out)[-1]["model"]["version"] == "2"
     assert mon.views["SA"].pending is None  # cooldown: no second alert storm
-    s = _samples(mon)
+    s = exporter_samples(mon)
     assert s[("qcloop_drift_alerts_total", (("source", "qcloop"), ("view", "SA")))] == 1
     assert s[("qcloop_refinements_total", (("view", "SA"),))] == 1
     assert s[("qcloop_window_cases", (("view", "SA"),))] == 4
@@ -368,13 +256,13 @@ def test_alert_without_promotion_keeps_the_champion(
         out_run.mkdir(parents=True)
         return {"views": {view: {"cases": 1, "flagged": 1}}}
 
-    cfg = _cfg(run_copy, refine_on_alert=True)
+    cfg = monitor_cfg(run_copy, refine_on_alert=True)
     registry = FakeRegistry(promote=False)
     mon = Monitor(
         tmp_path / "inbox",
         tmp_path / "out",
         cfg,
-        _champions(run_copy, ("SA",)),
+        champions_of(run_copy, ("SA",)),
         registry=registry,
         gate_fn=registry.gate,
         refine_fn=fake_refine,
@@ -460,10 +348,10 @@ def test_metrics_endpoint_serves_the_monitor_metrics(
     run_copy: Path, tiny_cohort: Path, tmp_path: Path, plugin_env: pytest.MonkeyPatch
 ) -> None:
     inbox, out = tmp_path / "inbox", tmp_path / "out"
-    _feed(inbox, tiny_cohort, "LA", {"A"}, 2)
+    feed_inbox(inbox, tiny_cohort, "LA", {"A"}, 2)
     port = free_port()
-    cfg = _cfg(run_copy, metrics_port=port)
-    mon = Monitor(inbox, out, cfg, _champions(run_copy), settle_s=0)
+    cfg = monitor_cfg(run_copy, metrics_port=port)
+    mon = Monitor(inbox, out, cfg, champions_of(run_copy), settle_s=0)
     url = f"http://127.0.0.1:{port}/metrics"
     try:
         assert mon.service.endpoints == {"metrics": url}  # opened by the exporter at start
@@ -560,19 +448,19 @@ def test_a_refinement_queued_before_a_crash_is_queued_again(
         return {"views": {view: {"cases": 1, "flagged": 1}}}
 
     inbox, out = tmp_path / "inbox", tmp_path / "out"
-    (case,) = _feed(inbox, tiny_cohort, "SA", {"B"}, 1)
-    cfg = _cfg(run_copy, refine_on_alert=True)
-    first = Monitor(inbox, out, cfg, _champions(run_copy, ("SA",)), refine_fn=fake_refine)
+    (case,) = feed_inbox(inbox, tiny_cohort, "SA", {"B"}, 1)
+    cfg = monitor_cfg(run_copy, refine_on_alert=True)
+    first = Monitor(inbox, out, cfg, champions_of(run_copy, ("SA",)), refine_fn=fake_refine)
     first.process_file(case)
     assert first.receive_alert("SA", {"labels": {"alertname": "QcloopPdcShift"}}) == "queued"
     first.close()  # "crash": the queued refinement never ran
-    second = Monitor(inbox, out, cfg, _champions(run_copy, ("SA",)), refine_fn=fake_refine)
+    second = Monitor(inbox, out, cfg, champions_of(run_copy, ("SA",)), refine_fn=fake_refine)
     assert second.views["SA"].pending is not None
     assert second.receive_alert("SA", {"labels": {}}) == "coalesced"
     second.run_pending()
     assert refined == [["000001/SA/ED"]]
     assert JsonlLog(out / "ledger.jsonl").read()[-1]["event"] == "refinement"
-    third = Monitor(inbox, out, cfg, _champions(run_copy, ("SA",)), refine_fn=fake_refine)
+    third = Monitor(inbox, out, cfg, champions_of(run_copy, ("SA",)), refine_fn=fake_refine)
     assert third.views["SA"].pending is None and len(refined) == 1
 
 
@@ -580,13 +468,13 @@ def test_the_monitor_follows_a_champion_promoted_elsewhere(
     run_copy: Path, tiny_cohort: Path, tmp_path: Path, plugin_env: pytest.MonkeyPatch
 ) -> None:
     inbox, out = tmp_path / "inbox", tmp_path / "out"
-    (case,) = _feed(inbox, tiny_cohort, "SA", {"A"}, 1)
+    (case,) = feed_inbox(inbox, tiny_cohort, "SA", {"A"}, 1)
     registry = FakeRegistry(promote=False)
     mon = Monitor(
         inbox,
         out,
-        _cfg(run_copy),
-        _champions(run_copy, ("SA",)),
+        monitor_cfg(run_copy),
+        champions_of(run_copy, ("SA",)),
         registry=registry,
         gate_fn=registry.gate,
         reload_poll_s=3600,
@@ -600,205 +488,6 @@ def test_the_monitor_follows_a_champion_promoted_elsewhere(
     event = JsonlLog(out / "ledger.jsonl").read()[-1]
     assert event["event"] == "window_reset" and event["previous"]["version"] == "1"
     restarted = Monitor(
-        inbox, out, _cfg(run_copy), {"SA": registry.resolve("qcloop@champion")["SA"]}
+        inbox, out, monitor_cfg(run_copy), {"SA": registry.resolve("qcloop@champion")["SA"]}
     )
     assert len(restarted.views["SA"].window) == 0  # the reset survives a restart
-
-
-EVENT_TYPES = (
-    CaseScored,
-    CaseFailed,
-    WindowChanged,
-    DriftAlert,
-    ModelRefined,
-    ModelVersionRegistered,
-    ModelVersionPromoted,
-    ModelsLoaded,
-    AdmissionChanged,
-)
-
-
-class EventLog:
-    """A second subscriber plugin: every service hook and every event it receives."""
-
-    def __init__(self) -> None:
-        self.services: list[tuple[str, ServiceInfo]] = []
-        self.events: list[Any] = []
-
-    @hookimpl
-    def on_service_started(self, service: ServiceInfo) -> None:
-        self.services.append(("started", service))
-
-    @hookimpl
-    def on_service_stopped(self, service: ServiceInfo) -> None:
-        self.services.append(("stopped", service))
-
-    def of(self, kind: type) -> list[Any]:
-        return [e for e in self.events if isinstance(e, kind)]
-
-
-def _subscribe(kind: str) -> Callable[[EventLog, Any], None]:
-    def record(self: EventLog, event: Any) -> None:
-        self.events.append(event)
-
-    return hookimpl(specname=f"on_{kind}")(record)
-
-
-for _type in EVENT_TYPES:
-    setattr(EventLog, f"record_{_type.kind}", _subscribe(_type.kind))
-
-
-def test_a_second_subscriber_receives_every_event_the_monitor_emits(
-    run_copy: Path, tiny_cohort: Path, tmp_path: Path, plugin_env: pytest.MonkeyPatch
-) -> None:
-    events = EventLog()
-    get_plugin_manager().register(events, name="test-event-log")
-    inbox, out = tmp_path / "inbox", tmp_path / "out"
-    _feed(inbox, tiny_cohort, "SA", {"B", "C"}, 4)
-    (inbox / "notes.txt").write_text("not an image")
-
-    def fake_refine(window: Path, run: Path, out_run: Path, view: str, cfg: Any) -> dict:
-        shutil.copytree(run, out_run)  # a loadable "refined" run
-        return {"views": {view: {"cases": 4, "flagged": 2}}}
-
-    registry = FakeRegistry(promote=True)
-    mon = Monitor(
-        inbox,
-        out,
-        _cfg(run_copy, refine_on_alert=True),  # default limits: 4 cases never alert
-        _champions(run_copy, ("SA",)),
-        registry=registry,
-        gate_fn=registry.gate,
-        refine_fn=fake_refine,
-        settle_s=0,
-    )
-    assert events.services == [("started", mon.service)]
-    assert mon.step() == 5
-    assert mon.receive_alert("SA", {"labels": {"alertname": "QcloopPdcShift"}}) == "queued"
-    mon.run_pending()
-    s = _samples(mon)  # the exporter, a subscriber like any other, saw the same events
-    mon.close()
-    assert events.services == [("started", mon.service), ("stopped", mon.service)]
-    kinds = {type(e) for e in events.events}
-    assert kinds == {CaseScored, CaseFailed, WindowChanged, DriftAlert, ModelRefined, ModelsLoaded}
-    assert {e.service for e in events.events} == {mon.service.id}
-    (failed,) = events.of(CaseFailed)
-    assert (failed.stage, failed.source) == ("read", "notes.txt")
-    assert "not a NIfTI" in failed.reason
-    assert len(events.of(CaseScored)) == 4
-    windows = events.of(WindowChanged)
-    assert [w.cause for w in windows] == ["restore", "case", "case", "case", "case", "reset"]
-    assert [w.stats.n for w in windows] == [0, 1, 2, 3, 4, 0]
-    assert [w.model_version for w in windows] == ["1"] * 5 + ["2"]
-    reference = windows[0].reference_median
-    assert reference is not None and all(w.reference_median == reference for w in windows)
-    (alert,) = events.of(DriftAlert)
-    assert (alert.view, alert.source, alert.window.n) == ("SA", "alertmanager", 4)
-    (refined,) = events.of(ModelRefined)
-    assert refined.view == "SA" and refined.summary["cases"] == 4
-    loads = events.of(ModelsLoaded)
-    assert [(m.reload, m.views["SA"]["version"]) for m in loads] == [(False, "1"), (True, "2")]
-    assert loads[0].views["SA"]["runtime"] == "torch" and loads[0].outcome == "ok"
-    assert s[("qcloop_case_errors_total", (("stage", "read"),))] == 1
-    assert s[("qcloop_drift_alerts_total", (("source", "alertmanager"), ("view", "SA")))] == 1
-    assert s[("qcloop_window_cases", (("view", "SA"),))] == 0  # reset: a new champion
-    assert ("qcloop_pdc_window_median", (("view", "SA"),)) not in s
-
-
-@pytest.mark.parametrize("how", ["environment", "configuration"])
-def test_the_monitor_scores_with_the_exporter_blocked(
-    how: str, run_copy: Path, tiny_cohort: Path, tmp_path: Path, plugin_env: pytest.MonkeyPatch
-) -> None:
-    exporter = "qcloop.plugins.prometheus.exporter"
-    port = free_port()
-    cfg = _cfg(run_copy, metrics_port=port)
-    if how == "environment":
-        plugin_env.setenv("QCLOOP_BLOCK_PLUGINS", exporter)
-    else:
-        cfg = cfg.model_copy(
-            update={"plugins": cfg.plugins.model_copy(update={"block": [exporter]})}
-        )
-    inbox, out = tmp_path / "inbox", tmp_path / "out"
-    _feed(inbox, tiny_cohort, "SA", {"A"}, 2)
-    with Monitor(inbox, out, cfg, _champions(run_copy, ("SA",)), settle_s=0) as mon:
-        assert get_plugin_manager().is_blocked(exporter)
-        assert mon.step() == 2
-        assert len(_records(out)) == 2 and mon.window_stats("SA").n == 2
-        assert mon.service.endpoints == {} and service_metrics(mon.service.id) is None
-        with pytest.raises(urllib.error.URLError):
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
-
-
-def test_reference_median_from_the_fences_else_the_validation_cases_else_none(
-    run_copy: Path, tmp_path: Path, plugin_env: pytest.MonkeyPatch
-) -> None:
-    from qcloop.monitor.ops.reference import compute_reference
-    from qcloop.monitor.ops.scoring import load_online_scorers
-
-    scorer = load_online_scorers(run_copy, ["SA"])["SA"]
-    recorded = compute_reference(run_copy, "SA", scorer)
-    assert recorded is not None and recorded["source"].startswith("calibration cases")
-    assert 0 < recorded["median_pdc"] <= 1 and recorded["cases"] > 0
-    # a run trained before the calibration median was recorded: fences.json of format 1
-    legacy = tmp_path / "legacy"
-    shutil.copytree(run_copy, legacy)
-    fences = legacy / "SA" / "fences.json"
-    fences.write_text(json.dumps(json.loads(fences.read_text())["phases"]))
-    computed = compute_reference(legacy, "SA", scorer)
-    assert computed is not None and computed["source"].startswith("validation cases")
-    assert computed["cases"] == recorded["cases"]
-    assert computed["median_pdc"] == pytest.approx(recorded["median_pdc"], abs=0.02)
-    # ... moved where its training data are not: no reference, the median rule is off
-    info = json.loads((legacy / "run.json").read_text())
-    (legacy / "run.json").write_text(json.dumps({**info, "data": str(tmp_path / "gone")}))
-    assert compute_reference(legacy, "SA", scorer) is None
-    champions = {"SA": ModelRef("qcloop-SA", "SA", "1", legacy)}
-    with Monitor(tmp_path / "inbox", tmp_path / "out", _cfg(legacy), champions) as mon:
-        assert mon.views["SA"].reference_median is None
-        assert ("qcloop_pdc_reference_median", (("view", "SA"),)) not in _samples(mon)
-        assert not (tmp_path / "out" / "reference.json").exists()
-
-
-def test_view_windows_publish_every_change_in_order(plugin_env: pytest.MonkeyPatch) -> None:
-    events = EventLog()
-    pm = get_plugin_manager()
-    pm.register(events, name="test-event-log")
-    windows = ViewWindows(3, pm=pm, service="svc")
-    assert windows.stats("SA") == WindowStats(0, 0.0, None) and windows.items("SA") == []
-    pairs = [(True, 0.2), (False, 0.9)]
-    windows.restore("SA", pairs, items=["a", "b"], model_version="3", reference_median=0.85)
-    windows.add("SA", False, 0.7, "c")
-    windows.add("SA", True, 0.1, "d")
-    assert windows.items("SA") == ["b", "c", "d"] and windows.count("SA") == 3
-    stats = windows.stats("SA")
-    assert (stats.n, stats.ood_fraction, stats.median_pdc) == (3, pytest.approx(1 / 3), 0.7)
-    windows.reset("SA", model_version="4", reference_median=None)
-    seen = [
-        (e.cause, e.stats.n, e.model_version, e.reference_median, e.service)
-        for e in events.of(WindowChanged)
-    ]
-    assert seen == [
-        ("restore", 2, "3", 0.85, "svc"),
-        ("case", 3, "3", 0.85, "svc"),
-        ("case", 3, "3", 0.85, "svc"),
-        ("reset", 0, "4", None, "svc"),
-    ]
-    with pytest.raises(ValueError, match="2 items for 1 window cases"):
-        windows.restore(
-            "LA", [(True, 0.5)], items=["x", "y"], model_version="1", reference_median=None
-        )
-    with pytest.raises(ValueError, match="non-finite"):
-        windows.add("SA", False, float("nan"))
-    assert len(events.of(WindowChanged)) == 4  # refused changes publish nothing
-    # cases added from several threads are published in the order they entered the window
-    many = ViewWindows(1000, pm=pm, service="svc")
-    threads = [
-        threading.Thread(target=lambda: [many.add("LA", False, 0.5) for _ in range(50)])
-        for _ in range(4)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    counts = [e.stats.n for e in events.of(WindowChanged) if e.view == "LA"]
-    assert counts == list(range(1, 201))

@@ -1,11 +1,11 @@
-"""The deploy plugin: the ``onnxruntime`` runtime (models exported by ``qcloop export-onnx``) and
-the commands ``serve``, ``export-onnx``, ``export-triton``, ``bench inference`` and ``bench
-serve``.
+"""The deploy plugin: the ``onnxruntime`` runtime (models exported by ``qcloop export-onnx``), the
+``onnx`` model kind of model cards, and the commands ``serve``, ``export-onnx``,
+``export-triton``, ``bench inference`` and ``bench serve``.
 
 Loaded by name like any plugin (``qcloop.deploy.plugin`` in the built-in list), and blocked like
-any (``QCLOOP_BLOCK_PLUGINS=qcloop.deploy.plugin``: no runtime, no commands). Importing it needs
-none of the optional extras: the runtime and each command check theirs (``onnx``, ``serve``,
-``triton``) when used, and say which to install.
+any (``QCLOOP_BLOCK_PLUGINS=qcloop.deploy.plugin``: no runtime, no model kind, no commands).
+Importing it needs none of the optional extras: the runtime, the model kind and each command
+check theirs (``onnx``, ``serve``, ``triton``) when used, and say which to install.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from qcloop.monitor import hookimpl
 from qcloop.monitor.core.config import QcloopConfig
 from qcloop.monitor.core.hookspecs import Register
+from qcloop.monitor.core.model_card import ModelCard
 
 if TYPE_CHECKING:  # pragma: no cover
     import click
@@ -39,6 +40,20 @@ def onnxruntime_runtime(run_dir: Path, view: str, cfg: QcloopConfig, **params: A
 def register_runtimes(register: Register) -> None:
     """Register the ``onnxruntime`` runtime."""
     register("onnxruntime", onnxruntime_runtime)
+
+
+def onnx_card_model(card: ModelCard) -> Any:
+    """The ``onnx`` model kind: an ``ExternalModel`` running the card's ONNX file (see
+    :func:`qcloop.deploy.onnx.card_model.load_onnx`; the ``onnx`` extra)."""
+    from qcloop.deploy.onnx.card_model import load_onnx
+
+    return load_onnx(card)
+
+
+@hookimpl
+def register_model_kinds(register: Register) -> None:
+    """Register the ``onnx`` model kind."""
+    register("onnx", onnx_card_model)
 
 
 @hookimpl

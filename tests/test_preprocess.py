@@ -269,7 +269,7 @@ def test_invalid_settings_and_shapes_are_refused():
     with pytest.raises(ValueError, match="target_spacing"):
         Preprocessor(64, target_spacing=0.0)
     with pytest.raises(ValueError, match="normalisation"):
-        Preprocessor(64, normalisation="minmax")
+        Preprocessor(64, normalisation="robust")
     transform = Preprocessor(64).transform_for((70, 70, 3), (1.4, 1.4, Z_SPACING))
     with pytest.raises(ValueError, match="expected"):
         transform.restore_labels(np.zeros((3, 32, 32), np.uint8))

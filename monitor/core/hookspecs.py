@@ -92,6 +92,17 @@ def register_runtimes(register: Register) -> None:
 
 
 @hookspec
+def register_model_kinds(register: Register) -> None:
+    """Register model-card loaders per model kind: ``register("onnx", loader)``.
+
+    :param register: call ``register(kind, loader)``; ``loader(card)`` takes a validated
+        :class:`~qcloop.monitor.core.model_card.ModelCard` of that ``kind`` and returns an
+        ``ExternalModel`` (``predict(batch)``, ``providers()``). Raise ``ModelCardError``
+        naming the field at fault, or ``MissingExtraError`` naming the extra to install.
+    """
+
+
+@hookspec
 def register_model_registries(register: Register) -> None:
     """Register model-registry backends: ``register("mlflow", factory)``.
 

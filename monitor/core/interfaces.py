@@ -180,6 +180,33 @@ class Runtime(Protocol):
         ...
 
 
+@runtime_checkable
+class ExternalModel(Protocol):
+    """A segmentation model described by a model card (``monitor/core/model_card.py``), loaded
+    by the loader its ``kind`` registers (``register_model_kinds``).
+
+    :meth:`predict` runs the model exactly as its authors do: the caller prepares the slices
+    (spacing, crop/pad, normalisation) as the card says, and turns the raw output into
+    probabilities in qcloop's label order (activation, label permutation).
+    """
+
+    #: the card's kind (``"onnx"``, ``"torchscript"``, ``"torch"``...).
+    kind: str
+    #: whether :attr:`module` can be fine-tuned (and so refined).
+    trainable: bool
+    #: the ``torch.nn.Module`` of a trainable kind, else ``None``.
+    module: torch.nn.Module | None
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """The raw output for float32 slices ``(N, 1, H, W)``: ``(N, C, H, W)`` logits or
+        probabilities, or ``(N, H, W)`` labels when the card's activation is ``labels``."""
+        ...
+
+    def providers(self) -> list[str]:
+        """Execution providers / devices actually in use (read back, not requested)."""
+        ...
+
+
 @dataclass
 class ModelRef:
     """One registered model version of one view, with a local run folder holding it."""

@@ -63,6 +63,8 @@ BLOCK_PLUGINS_ENV = "QCLOOP_BLOCK_PLUGINS"
 #: Built-in plugins, registered under their module path; a module not (yet) present is skipped.
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "qcloop.segmenters.plugin",
+    "qcloop.segmenters.external",
+    "qcloop.segmenters.nnunet",
     "qcloop.qc_modules.plugin",
     "qcloop.plugins.thresholds",
     "qcloop.plugins.refiners",
@@ -79,6 +81,7 @@ COMPONENT_KINDS: dict[str, tuple[str, str]] = {
     "threshold_strategies": ("register_threshold_strategies", "threshold strategy"),
     "refiners": ("register_refiners", "refiner"),
     "runtimes": ("register_runtimes", "runtime"),
+    "model_kinds": ("register_model_kinds", "model kind"),
     "model_registries": ("register_model_registries", "model registry"),
     "trackers": ("register_trackers", "tracker"),
 }
@@ -327,6 +330,10 @@ class QcloopPluginManager(pluggy.PluginManager):
     def runtimes(self) -> ComponentRegistry:
         """Registered inference runtimes."""
         return self.registry("runtimes")
+
+    def model_kinds(self) -> ComponentRegistry:
+        """Registered model-card loaders, by model kind (``onnx``, ``torch``...)."""
+        return self.registry("model_kinds")
 
     def model_registries(self) -> ComponentRegistry:
         """Registered model-registry backends."""

@@ -4,6 +4,10 @@ Forward (``Preprocessor.prepare``): per-volume intensity normalisation, in-plane
 target spacing (linear for the image; labels as one-hot maps resampled linearly then argmax),
 then a centred crop/pad of every slice to ``size x size``. The slice axis is never resampled.
 
+Forward for probability maps (``PreprocessTransform.apply_probabilities``): ``(X, Y, Z, C)`` maps
+on the original grid (another model's output) are resampled linearly per channel and windowed
+like the image, ``(Z, C, H, W)``; the window beyond the image is background.
+
 Back (``PreprocessTransform``): network outputs ``(Z, C, H, W)`` are placed back into the
 resampled grid (regions the crop cut away become background), resampled linearly to the original
 in-plane grid and returned as ``(X, Y, Z, C)``; labels go through one-hot probabilities and argmax.
@@ -30,7 +34,8 @@ from qcloop.monitor.data.case import Case
 
 __all__ = ["Prepared", "PreprocessTransform", "Preprocessor"]
 
-Normalisation = Literal["zscore", "percentile"]
+Normalisation = Literal["zscore", "percentile", "minmax", "none"]
+NORMALISATIONS: tuple[str, ...] = ("zscore", "percentile", "minmax", "none")
 #: Intensity percentiles that ``"percentile"`` normalisation maps to 0 and 1.
 PERCENTILES = (0.5, 99.5)
 _NUM_LABELS = 4
@@ -79,6 +84,29 @@ class PreprocessTransform:
             probs = self._resample(_one_hot(labels, axis=1), forward=True)
             labels = np.argmax(probs, axis=1)
         return _window(labels.astype(np.uint8), self.offset, self.output_shape, 0)
+
+    def apply_probabilities(self, probabilities: np.ndarray) -> np.ndarray:
+        """Map probabilities ``(X, Y, Z, C)`` on the original grid to ``(Z, C, H, W)`` float32
+        on this transform's grid (the counterpart of :meth:`restore_probabilities`); the window
+        beyond the image is background (class 0 probability 1)."""
+        probs = np.asarray(probabilities, dtype=np.float32)
+        if probs.ndim != 4 or probs.shape[:3] != self.original_shape:
+            raise ValueError(
+                f"probabilities of shape {probs.shape}; expected (*{self.original_shape}, C)"
+            )
+        if not np.all(np.isfinite(probs)):
+            raise ValueError("probabilities contain NaN/Inf")
+        slices = np.ascontiguousarray(np.transpose(probs, (2, 3, 0, 1)))
+        if self.resampled:
+            slices = self._resample(slices, forward=True)
+        out = np.zeros((*slices.shape[:2], *self.output_shape), dtype=np.float32)
+        out[:, 0] = 1.0
+        (sx, dx), (sy, dy) = (
+            _axis_slices(slices.shape[-2 + a], self.output_shape[a], self.offset[a])
+            for a in range(2)
+        )
+        out[..., dx, dy] = slices[..., sx, sy]
+        return out
 
     def restore_probabilities(self, probabilities: np.ndarray) -> np.ndarray:
         """Map network probabilities ``(Z, C, H, W)`` to ``(X, Y, Z, C)`` float32 on the original
@@ -163,8 +191,12 @@ class Preprocessor:
         target_spacing: in-plane spacing in mm to resample to; ``None`` keeps the case's spacing.
         divisor: the network's total stride; output sizes are multiples of it.
         normalisation: ``"zscore"`` (zero mean, unit variance per volume; a constant volume
-            becomes 0) or ``"percentile"`` (intensities clipped to the 0.5-99.5 percentiles of
-            the volume, mapped to 0-1; a constant volume becomes 0).
+            becomes 0), ``"percentile"`` (intensities clipped to the ``percentiles`` of the
+            volume, mapped to 0-1; a constant volume becomes 0), ``"minmax"`` (the volume's
+            minimum to 0 and maximum to 1; a constant volume becomes 0) or ``"none"`` (the
+            intensities as they are).
+        percentiles: for ``"percentile"``: the low and high percentiles (0-100) mapped to 0
+            and 1.
 
     Padding around the image takes the minimum of the normalised volume (air, not mid-grey).
     """
@@ -175,6 +207,7 @@ class Preprocessor:
         target_spacing: float | None = None,
         divisor: int = 1,
         normalisation: Normalisation = "zscore",
+        percentiles: tuple[float, float] = PERCENTILES,
     ) -> None:
         if divisor < 1:
             raise ValueError(f"divisor must be >= 1, got {divisor}")
@@ -184,19 +217,24 @@ class Preprocessor:
             raise ValueError(
                 f"target_spacing must be a positive number of mm, got {target_spacing}"
             )
-        if normalisation not in ("zscore", "percentile"):
+        if normalisation not in NORMALISATIONS:
             raise ValueError(
-                f"normalisation must be 'zscore' or 'percentile', got {normalisation!r}"
+                f"normalisation must be one of {', '.join(NORMALISATIONS)}, got {normalisation!r}"
             )
+        lo, hi = (float(p) for p in percentiles)
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {percentiles}")
         self.size = size
         self.target_spacing = target_spacing
         self.divisor = divisor
         self.normalisation = normalisation
+        self.percentiles = (lo, hi)
 
     def __repr__(self) -> str:
+        extra = "" if self.percentiles == PERCENTILES else f", percentiles={self.percentiles}"
         return (
             f"Preprocessor(size={self.size}, target_spacing={self.target_spacing}, "
-            f"divisor={self.divisor}, normalisation={self.normalisation!r})"
+            f"divisor={self.divisor}, normalisation={self.normalisation!r}{extra})"
         )
 
     def transform_for(
@@ -231,13 +269,20 @@ class Preprocessor:
 
     def prepare(self, case: Case) -> Prepared:
         """The case's normalised, resampled, cropped/padded slices, and the transform's record."""
-        transform = self.transform_for(case.shape, case.spacing)
-        image = self.normalise(case.image)
-        fill = float(image.min()) if image.size else 0.0
-        slices = transform.apply_image(image, fill=fill)
+        slices, transform = self.prepare_image(case.image, case.spacing)
         gt = None if case.gt is None else transform.apply_labels(case.gt)
         spacing = (*transform.resampled_spacing, transform.original_spacing[2])
         return Prepared(key=case.key, image=slices, gt=gt, spacing=spacing, transform=transform)
+
+    def prepare_image(
+        self, image: np.ndarray, spacing: tuple[float, float, float]
+    ) -> tuple[np.ndarray, PreprocessTransform]:
+        """An ``(X, Y, Z)`` volume's normalised, resampled, cropped/padded ``(Z, H, W)`` float32
+        slices (the image part of :meth:`prepare`), and the transform's record."""
+        transform = self.transform_for(np.shape(image), spacing)
+        normalised = self.normalise(image)
+        fill = float(normalised.min()) if normalised.size else 0.0
+        return transform.apply_image(normalised, fill=fill), transform
 
     def normalise(self, image: np.ndarray) -> np.ndarray:
         """The volume's intensities normalised as configured, float32, always finite."""
@@ -251,14 +296,22 @@ class Preprocessor:
                 out = (values - mean) / std
             else:  # constant up to rounding: nothing to scale
                 out = np.zeros_like(values)
+        elif self.normalisation == "percentile":
+            lo, hi = (float(v) for v in np.percentile(values, self.percentiles))
+            out = _scaled(np.clip(values, lo, hi), lo, hi)
+        elif self.normalisation == "minmax":
+            out = _scaled(values, float(values.min()), float(values.max()))
         else:
-            lo, hi = (float(v) for v in np.percentile(values, PERCENTILES))
-            out = (
-                (np.clip(values, lo, hi) - lo) / (hi - lo)
-                if hi - lo > 1e-8 * max(1.0, abs(hi))
-                else np.zeros_like(values)
-            )
+            out = values
         return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+
+
+def _scaled(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``values`` with ``lo`` mapped to 0 and ``hi`` to 1; zeros when ``hi`` is ``lo`` (up to
+    rounding)."""
+    if hi - lo > 1e-8 * max(1.0, abs(hi)):
+        return (values - lo) / (hi - lo)
+    return np.zeros_like(values)
 
 
 def _one_hot(labels: np.ndarray, axis: int) -> np.ndarray:

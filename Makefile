@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml examples/qcloop-tent/pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[all,dev]"
+	# nnU-Net v2 model cards (heavy, not in `all`); naming torch keeps pip from upgrading it
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e ".[nnunet]"
 	$(BIN)/pip install --quiet -e examples/qcloop-tent
 	touch $@
 

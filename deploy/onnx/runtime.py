@@ -307,8 +307,9 @@ class OrtRuntime:
             raise ValueError(f"{self.view}: expected slices (Z, {s}, {s}), got {image.shape}")
         return np.ascontiguousarray(image, dtype=np.float32)  # no copy when already so
 
-    def segment(self, image: np.ndarray) -> list[np.ndarray]:
-        """Softmax maps ``(Z, C, S, S)`` of every candidate (best first)."""
+    def segment(self, image: np.ndarray, origin: Any = None) -> list[np.ndarray]:
+        """Softmax maps ``(Z, C, S, S)`` of every candidate (best first); ``origin`` (the
+        original case) is not needed: exported candidates run on the prepared slices."""
         x = self._check_image(np.asarray(image))[:, None]
         z, s, c, b = len(x), self.input_size, self.num_classes, self.batch_size
         results = []

@@ -57,7 +57,8 @@ def train(data_dir: Path, run_dir: Path, config_file: Path | None, view: str) ->
 
 def _print_summary(summary: dict, out: Path) -> None:
     for v, d in summary["views"].items():
-        click.echo(f"{v}: {d['cases']} case(s), {d['ood']} flagged OoD ({d['population']} fences)")
+        how = "not judged: no fences" if d["population"] == "none" else f"{d['population']} fences"
+        click.echo(f"{v}: {d['cases']} case(s), {d['ood']} flagged OoD ({how})")
     for s in summary["skipped"]:
         click.echo(f"skipped {s['path']}: {s['reason']}", err=True)
     click.echo(f"records: {out / 'records.jsonl'}; summary: {out / 'summary.json'}")
@@ -135,11 +136,43 @@ def _models(
     return runs, info
 
 
+_predictions = [
+    click.option(
+        "--predictions",
+        "masks",
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        help="Score the NIfTI masks under this folder, made by another tool, instead of running "
+        "any model: each is matched to its case by the subject, view and phase in its file name "
+        "(e.g. 001_SA_ED_pred.nii.gz). Needs --run, which may be a QC-only run (qcloop qc train).",
+    ),
+    click.option(
+        "--predictions-map",
+        "mapping_csv",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="Match masks to images by this CSV (columns image,mask; paths relative to the CSV; "
+        "an optional phase column for cine files) instead of by file names.",
+    ),
+    click.option(
+        "--label-map",
+        help="What the masks' values are, e.g. '1:RV,2:MYO,3:LV' (default qcloop's 1 LV, 2 MYO, "
+        "3 RV; 0 is background); any other value is an error unless mapped, e.g. '4:BG'.",
+    ),
+]
+
+
+def _predictions_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The options of ``assess`` that score masks made elsewhere."""
+    for option in reversed(_predictions):
+        f = option(f)
+    return f
+
+
 @click.command()
 @_data
 @_run_or_model_options
 @_out
 @_view
+@_predictions_options
 def assess(
     data_dir: Path,
     run_dir: Path | None,
@@ -147,16 +180,79 @@ def assess(
     tracking_uri: str | None,
     out_dir: Path,
     view: str,
+    masks: Path | None,
+    mapping_csv: Path | None,
+    label_map: str | None,
 ) -> None:
     """Score every case with all candidates and the QC module: pDC/pHD, fences, OoD flags.
 
-    Writes one JSON record per case to OUT/records.jsonl and OUT/summary.json.
+    With --predictions (or --predictions-map), score masks another tool already wrote with the
+    run's QC module instead; no model runs. Writes one JSON record per case to
+    OUT/records.jsonl and OUT/summary.json.
     """
+    if masks is not None or mapping_csv is not None:
+        if run_dir is None or model_spec is not None:
+            raise click.UsageError("--predictions scores masks with a run's QC module: give --run")
+        _assess_predictions(data_dir, run_dir, masks, mapping_csv, label_map, out_dir, view)
+        return
+    if label_map is not None:
+        raise click.UsageError("--label-map describes the masks of --predictions")
     from qcloop.monitor.method.assess import assess_run
 
     runs, info = _models(run_dir, model_spec, tracking_uri)
+    _refuse_qc_only(run_dir)
     summary = assess_run(data_dir, runs, out_dir, views=_views(view), model_info=info)
     _print_summary(summary, out_dir)
+
+
+def _assess_predictions(
+    data_dir: Path,
+    run_dir: Path,
+    masks: Path | None,
+    mapping_csv: Path | None,
+    label_map: str | None,
+    out_dir: Path,
+    view: str,
+) -> None:
+    """``qcloop assess --predictions``: the masks scored, the summary printed."""
+    from qcloop.monitor.data import CaseError
+    from qcloop.monitor.method.mask_files import parse_label_map
+    from qcloop.monitor.method.predictions import assess_predictions
+    from qcloop.monitor.method.run_folder import RunError
+
+    try:
+        lut = parse_label_map(label_map)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--label-map") from None
+    try:
+        summary = assess_predictions(
+            data_dir,
+            run_dir,
+            masks,
+            out_dir,
+            views=_views(view),
+            mapping_csv=mapping_csv,
+            label_map=lut,
+        )
+    except (RunError, CaseError) as exc:
+        raise click.ClickException(str(exc)) from None
+    _print_summary(summary, out_dir)
+    if any(d["population"] == "none" for d in summary["views"].values()):
+        click.echo(
+            "warning: the run has no fences, so no case is judged (ood null); calibrate it on "
+            "the monitored model to flag OoD cases (qcloop calibrate)",
+            err=True,
+        )
+
+
+def _refuse_qc_only(run_dir: Path | None) -> None:
+    """A usage error when ``run_dir`` holds QC modules only: there are no candidates to run."""
+    from qcloop.monitor.method.run_folder import is_qc_only, qc_only_error
+
+    if run_dir is not None and is_qc_only(run_dir):
+        raise click.ClickException(
+            f"{qc_only_error(run_dir)}; or score masks made elsewhere with --predictions"
+        )
 
 
 @click.command()
@@ -176,6 +272,7 @@ def predict(
     from qcloop.monitor.method.assess import assess_run
 
     runs, info = _models(run_dir, model_spec, tracking_uri)
+    _refuse_qc_only(run_dir)
     summary = assess_run(
         data_dir, runs, out_dir, write_masks=True, views=_views(view), model_info=info
     )
@@ -205,8 +302,13 @@ def refine(
 ) -> None:
     """Refine every candidate on the OoD cases of DATA; save the refined set beside the run."""
     from qcloop.monitor.method.refine import refine_run
+    from qcloop.monitor.method.run_folder import RunError
 
-    info = refine_run(data_dir, run_dir, out_run, labelled_dir=labelled_dir, views=_views(view))
+    _refuse_qc_only(run_dir)
+    try:
+        info = refine_run(data_dir, run_dir, out_run, labelled_dir=labelled_dir, views=_views(view))
+    except RunError as exc:
+        raise click.ClickException(str(exc)) from None
     for v, d in info["views"].items():
         ood_after = [
             h["epochs"][-1]["ood"] if h.get("epochs") else h.get("ood_before") for h in d["history"]

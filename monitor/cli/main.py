@@ -32,6 +32,8 @@ BUILTIN_COMMANDS: dict[str, str] = {
     "demo": "demo:demo",
     "monitor": "monitor:monitor",
     "models": "models:models",
+    "qc": "qc:qc",
+    "calibrate": "calibrate:calibrate",
 }
 
 

@@ -187,7 +187,9 @@ class ExternalModel(Protocol):
 
     :meth:`predict` runs the model exactly as its authors do: the caller prepares the slices
     (spacing, crop/pad, normalisation) as the card says, and turns the raw output into
-    probabilities in qcloop's label order (activation, label permutation).
+    probabilities in qcloop's label order (activation, label permutation). A model that
+    prepares whole cases itself (nnU-Net) may also offer ``predict_case(image_xyz,
+    spacing_xyz) -> (X, Y, Z, C)`` raw output on the case's own grid; qcloop then uses it.
     """
 
     #: the card's kind (``"onnx"``, ``"torchscript"``, ``"torch"``...).

@@ -79,7 +79,7 @@ def assess_prepared(
     transductive = cfg.assessment.population == "transductive"
     scored_all: list[ScoredCase] = []
     for item in progress(cases, desc=f"assessing {model_set.view}"):
-        scored, probs = assessor.score(item.key, item.prepared.image, item.net_spacing)
+        scored, probs = assessor.score(item.key, item.prepared.image, item.net_spacing, item.origin)
         scored_all.append(scored)
         if transductive:
             continue
@@ -102,7 +102,11 @@ def assess_prepared(
             scored.judge(fences[case_phase(scored)])
             if on_case is not None:
                 on_case(
-                    Assessed(item, scored, assessor.candidate_probabilities(item.prepared.image))
+                    Assessed(
+                        item,
+                        scored,
+                        assessor.candidate_probabilities(item.prepared.image, item.origin),
+                    )
                 )
     return scored_all
 

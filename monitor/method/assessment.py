@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from qcloop.monitor.data.case import Case
+from qcloop.monitor.data.preprocess import PreprocessTransform
 from qcloop.monitor.method.pose import PoseReference, reconstruct_posed
 from qcloop.monitor.method.segmentation_metrics import (
     StructureScores,
@@ -140,6 +142,24 @@ def missing_structures(
     return [name for name in structures if not np.any(labels == STRUCTURES[name])]
 
 
+#: The case a prepared stack came from, and the transform that prepared it.
+CaseOrigin = tuple[Case, PreprocessTransform]
+
+
+def net_probabilities(
+    candidate: Any, image: np.ndarray, batch_size: int = 16, origin: CaseOrigin | None = None
+) -> np.ndarray:
+    """Softmax maps ``(Z, C, S, S)`` of one candidate on the run's grid. A qcloop-trained
+    network runs on the prepared ``image``; a model qcloop did not train (a model card, with
+    ``net_probabilities(case, transform)``) runs on the original case as its card says, and its
+    maps are brought onto the run's grid."""
+    if hasattr(candidate, "net_probabilities"):
+        if origin is None:
+            raise ValueError("a model-card candidate needs the original case (origin) to run")
+        return candidate.net_probabilities(*origin)
+    return predict_probabilities(candidate, image, batch_size)
+
+
 class Assessor:
     """Scores prepared cases with a model set (all candidates + QC module)."""
 
@@ -163,15 +183,25 @@ class Assessor:
         reference pose when pose normalisation is on."""
         return reconstruct_posed(self.model_set.qc.reconstruct, probabilities, self.pose)
 
-    def candidate_probabilities(self, image: np.ndarray) -> list[np.ndarray]:
-        """Softmax maps ``(Z, C, S, S)`` of every candidate for one prepared image stack."""
-        return [predict_probabilities(m, image, self.batch_size) for m in self.model_set.candidates]
+    def candidate_probabilities(
+        self, image: np.ndarray, origin: CaseOrigin | None = None
+    ) -> list[np.ndarray]:
+        """Softmax maps ``(Z, C, S, S)`` of every candidate for one prepared image stack
+        (``origin``: the case it was prepared from, which models qcloop did not train need)."""
+        return [
+            net_probabilities(m, image, self.batch_size, origin) for m in self.model_set.candidates
+        ]
 
     def score(
-        self, key: dict[str, Any], image: np.ndarray, spacing: Sequence[float]
+        self,
+        key: dict[str, Any],
+        image: np.ndarray,
+        spacing: Sequence[float],
+        origin: CaseOrigin | None = None,
     ) -> tuple[ScoredCase, list[np.ndarray]]:
-        """Score one prepared case (image ``(Z, S, S)``, spacing in that axis order)."""
-        probs = self.candidate_probabilities(image)
+        """Score one prepared case (image ``(Z, S, S)``, spacing in that axis order; ``origin``
+        as for :meth:`candidate_probabilities`)."""
+        probs = self.candidate_probabilities(image, origin)
         per_candidate = []
         for p in probs:
             recon = self.reconstruct(p)

@@ -15,7 +15,7 @@ import numpy as np
 from qcloop.monitor.core.config import QcloopConfig
 from qcloop.monitor.core.progress import progress
 from qcloop.monitor.data import Case, CaseError, CaseSource, discover, load_cases
-from qcloop.monitor.data.preprocess import Prepared, Preprocessor
+from qcloop.monitor.data.preprocess import Prepared, Preprocessor, PreprocessTransform
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,12 @@ class PreparedCase:
     def key(self) -> dict[str, Any]:
         """Identity fields of the case's JSON record."""
         return record_key(self.case.source)
+
+    @property
+    def origin(self) -> tuple[Case, PreprocessTransform]:
+        """The original case and the transform that prepared it (what a model qcloop did not
+        train runs on)."""
+        return self.case, self.prepared.transform
 
     @property
     def net_spacing(self) -> tuple[float, float, float]:

@@ -14,6 +14,7 @@ the case's original grid. The QC module then takes them onto its own grid
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -186,6 +187,9 @@ class CardPredictor:
                 f"{self._name} segments {', '.join(self.views)}, not {case.view}",
                 key=case.key,
             )
+        predict_case = getattr(self.model, "predict_case", None)
+        if callable(predict_case):
+            return self._case_probabilities(case, predict_case)
         slices, transform = self.preprocessor.prepare_image(case.image, case.spacing)
         try:
             probs = self.slice_probabilities(slices)
@@ -201,6 +205,35 @@ class CardPredictor:
                 key=case.key,
             ) from exc
         return transform.restore_probabilities(probs)
+
+    def _case_probabilities(
+        self, case: Case, predict_case: Callable[..., np.ndarray]
+    ) -> np.ndarray:
+        """qcloop-order ``(X, Y, Z, 4)`` probabilities from a model that runs whole cases on
+        their own grid and prepares them itself (``predict_case(image, spacing) -> (X, Y, Z,
+        C)``, e.g. nnU-Net's predictor)."""
+        x, y, z = case.image.shape
+        try:
+            raw = np.asarray(predict_case(case.image, case.spacing))
+            if raw.ndim != 4 or raw.shape[:3] != (x, y, z):
+                raise _OutputProblem(
+                    "path",
+                    f"the model returned shape {raw.shape} for a case of {(x, y, z)}; "
+                    f"expected ({x}, {y}, {z}, C)",
+                )
+            zcxy = np.ascontiguousarray(np.transpose(raw, (2, 3, 0, 1)))
+            probs = _to_qcloop(_model_probabilities(zcxy, self.card, (z, x, y)), self._index)
+        except _OutputProblem as problem:
+            raise CaseError(
+                case.source.image_path, f"{self._name}: {problem.field}: {problem}", key=case.key
+            ) from None
+        except Exception as exc:
+            raise CaseError(
+                case.source.image_path,
+                f"{self._name}: the {self.card.kind} model failed on the case ({_short(exc)})",
+                key=case.key,
+            ) from exc
+        return np.ascontiguousarray(np.transpose(probs, (2, 3, 0, 1)))
 
     def net_probabilities(self, case: Case, transform: PreprocessTransform) -> np.ndarray:
         """float32 ``(Z, 4, S, S)`` probabilities on ``transform``'s grid (qcloop's QC module's

@@ -31,6 +31,7 @@ from qcloop.monitor.method.cases import (
     split_labelled,
 )
 from qcloop.monitor.method.run_folder import (
+    RunError,
     load_model_set,
     load_run_config,
     read_run_info,
@@ -76,6 +77,7 @@ def refine_run(
         raise ValueError(f"{out}: refined models go beside the original run, not over it")
     cfg = cfg or load_run_config(run)
     parent = read_run_info(run)
+    refuse_card_runs(run, parent)
     views = [v for v in (views or run_views(run))]
     labelled_dir = labelled_dir or parent.get("data")
     copy_run_skeleton(run, out, views)
@@ -120,6 +122,35 @@ def refine_run(
         atomic.write_json(out / "run.json", info)
         log_file(tracker, out / "run.json")
     return info
+
+
+def refuse_card_runs(run: Path, info: dict[str, Any]) -> None:
+    """``RunError`` for a run whose model qcloop did not train (``qcloop calibrate``): such a
+    model is monitored, alerted on and served, but not refined here."""
+    kind = info.get("kind")
+    if kind not in ("external", "masks"):
+        return
+    if kind == "masks":
+        raise RunError(
+            f"{run}: calibrated on masks made elsewhere; there is no model here to refine"
+        )
+    card = info.get("card") or {}
+    what = f"its {card.get('kind', 'external')} model"
+    if card.get("kind") == "torch":
+        reason = (
+            "refining a torch model card (on its own grid and label order) is not built yet; "
+            "fine-tune it with its own framework on the flagged cases (qcloop assess lists them)"
+        )
+    else:
+        reason = (
+            f"{what} is not trainable here (onnx, torchscript and nnunet files hold no "
+            "training graph); give a torch card (module + weights) or fine-tune it where it was "
+            "trained, on the flagged cases that qcloop assess lists"
+        )
+    raise RunError(
+        f"{run}: cannot refine {what}: {reason}; monitoring, drift alerts and "
+        "serving work as for a trained run"
+    )
 
 
 def _log_refinement(tracker: Tracker, result: dict[str, Any]) -> None:

@@ -91,23 +91,15 @@ def load_model_set(
     run = Path(run)
     view_dir = run / view
     manifest = view_dir / "candidates.json"
+    if not manifest.exists() and is_qc_only(run):
+        raise qc_only_error(run)
     if not manifest.exists():
         raise RunError(f"{manifest}: missing - is {run} a trained qcloop run with view {view}?")
     cfg = config or load_run_config(run)
     entries = json.loads(manifest.read_text())
     if not entries:
         raise RunError(f"{manifest}: lists no candidates")
-    candidates = []
-    for entry in entries:
-        path = view_dir / entry["path"]
-        try:
-            state = torch.load(path, weights_only=True)
-        except Exception as exc:
-            raise RunError(f"{path}: cannot load candidate weights ({exc})") from exc
-        model = build_segmenter(cfg.segmenter.name, cfg.segmenter.params)
-        model.load_state_dict(state["state_dict"])
-        model.eval()
-        candidates.append(model)
+    candidates = [_load_candidate(view_dir, entry, cfg) for entry in entries]
     qc_path = view_dir / "qc.pt"
     if not qc_path.exists():
         raise RunError(f"{qc_path}: missing QC module")
@@ -120,6 +112,40 @@ def load_model_set(
         qc=qc,
         fences=load_fences(run, view) if fences else {},
         pose=load_pose(run, view),
+    )
+
+
+def _load_candidate(view_dir: Path, entry: dict[str, Any], cfg: QcloopConfig) -> Any:
+    """One candidate of ``candidates.json``: qcloop-trained weights (``path``), or a model qcloop
+    did not train (``card``: a model card, written by ``qcloop calibrate``)."""
+    if "card" in entry:
+        from qcloop.monitor.method.external import load_card_model
+
+        return load_card_model(view_dir / entry["card"])
+    path = view_dir / entry["path"]
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as exc:
+        raise RunError(f"{path}: cannot load candidate weights ({exc})") from exc
+    model = build_segmenter(cfg.segmenter.name, cfg.segmenter.params)
+    model.load_state_dict(state["state_dict"])
+    model.eval()
+    return model
+
+
+def is_qc_only(run: str | Path) -> bool:
+    """Whether ``run`` holds QC modules only (``qcloop qc train``: ``kind: "qc"``)."""
+    try:
+        return json.loads((Path(run) / "run.json").read_text()).get("kind") == "qc"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def qc_only_error(run: str | Path) -> RunError:
+    """The error for a QC-only run folder where candidates are needed."""
+    return RunError(
+        f"run folder {run} holds a QC module only (qcloop qc train); calibrate a model with "
+        "qcloop calibrate --model CARD"
     )
 
 

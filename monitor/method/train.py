@@ -9,38 +9,27 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from qcloop.monitor import __version__
 from qcloop.monitor.core import atomic
 from qcloop.monitor.core.config import QcloopConfig, dump_config
 from qcloop.monitor.core.interfaces import Tracker
-from qcloop.monitor.core.resolve import build_qc_module, build_segmenter, build_threshold_strategy
-from qcloop.monitor.core.serialise import jsonable, utc_now
+from qcloop.monitor.core.resolve import build_segmenter, build_threshold_strategy
+from qcloop.monitor.core.serialise import utc_now
 from qcloop.monitor.core.slices import SliceSet
 from qcloop.monitor.core.tracking import NullTracker, log_file, make_tracker
-from qcloop.monitor.data import CaseError, CaseSource, discover
+from qcloop.monitor.data import CaseSource, discover
 from qcloop.monitor.method.assess import case_phase, make_assessor
-from qcloop.monitor.method.assessment import fit_population_fences
-from qcloop.monitor.method.cases import (
-    PreparedCase,
-    load_prepared,
-    make_preprocessor,
-    split_labelled,
-)
+from qcloop.monitor.method.assessment import ScoredCase, fit_population_fences
+from qcloop.monitor.method.cases import PreparedCase
 from qcloop.monitor.method.fences_file import (
     ReferenceFences,
     reference_summary,
     save_reference_fences,
 )
-from qcloop.monitor.method.pose import POSE_FILE, PoseReference
-from qcloop.monitor.method.run_folder import (
-    ModelSet,
-    RunError,
-    load_model_set,
-    qc_params,
-)
+from qcloop.monitor.method.qc_train import load_labelled_view, train_qc_module
+from qcloop.monitor.method.run_folder import ModelSet, RunError, load_model_set
 from qcloop.monitor.method.segmenter_training import (
     TrainResult,
     TrainSettings,
@@ -130,35 +119,24 @@ def _train_view(
     tracker: Tracker,
 ) -> dict[str, Any]:
     """Train one view's candidates and QC module and calibrate its fences (inside a run)."""
-    sources = [s for s in all_sources if s.view == view]
-    train_src, val_src = split_labelled(sources, seed=cfg.seed)
-    if not train_src or not val_src:
-        raise CaseError(data_dir, f"no labelled {view} cases to train and validate on")
     # seed the initial weights per view, so a view's result does not depend on the others
     torch.manual_seed(cfg.seed)
     model = build_segmenter(cfg.segmenter.name, cfg.segmenter.params)
-    pre = make_preprocessor(cfg, getattr(model, "divisor", 1))
-    errors: list[CaseError] = []
-    train_cases = load_prepared(train_src, pre, errors)
-    val_cases = load_prepared(val_src, pre, errors)
-    slices = SliceSet.from_stacks(
-        [c.prepared.image for c in train_cases], [c.prepared.gt for c in train_cases]
-    )
-    val = [ValCase(c.prepared.image, c.prepared.gt) for c in val_cases]
+    data = load_labelled_view(view, all_sources, data_dir, cfg, getattr(model, "divisor", 1))
     view_dir = run / view
-    counts = {"train_cases": len(train_cases), "val_cases": len(val), "train_slices": len(slices)}
+    counts = data.counts
     log.info(
         "%s: training %s on %d slices (%d cases), validating on %d cases",
         view,
         cfg.segmenter.name,
-        len(slices),
-        len(train_cases),
-        len(val),
+        len(data.slices),
+        len(data.train_cases),
+        len(data.val),
     )
-    result = _train_candidates(model, slices, val, view, view_dir, cfg, counts, tracker)
-    _train_qc_module(slices, val, train_cases, view, view_dir, cfg, tracker)
+    result = _train_candidates(model, data.slices, data.val, view, view_dir, cfg, counts, tracker)
+    train_qc_module(data, view_dir, cfg, tracker)
     model_set = load_model_set(run, view, cfg, fences=False)  # new fences replace any old ones
-    fences = calibrate_reference_fences(model_set, val_cases, cfg, tracker=tracker)
+    fences = calibrate_reference_fences(model_set, data.val_cases, cfg, tracker=tracker)
     save_reference_fences(view_dir, fences)
     if result.checkpoints:
         tracker.log_metrics({"best_val_dice": float(result.checkpoints[0].val_dice)})
@@ -169,7 +147,7 @@ def _train_view(
     return {
         **counts,
         "candidates": [c.to_dict() for c in result.checkpoints],
-        "skipped": [str(e) for e in errors],
+        "skipped": [str(e) for e in data.errors],
     }
 
 
@@ -198,33 +176,6 @@ def _train_candidates(
     return result
 
 
-def _train_qc_module(
-    slices: SliceSet,
-    val: Sequence[ValCase],
-    train_cases: Sequence[PreparedCase],
-    view: str,
-    view_dir: Path,
-    cfg: QcloopConfig,
-    tracker: Tracker,
-) -> None:
-    """Train the QC module on the ground-truth masks; write ``qc.pt``, the training masks'
-    reference pose and the QC module's history."""
-    qc = build_qc_module(cfg.qc.module.name, qc_params(cfg, view, len(slices)))
-    qc_history = qc.fit(
-        slices.labels,
-        np.concatenate([v.labels for v in val]),
-        seed=cfg.seed,
-        log=tracker.log_metrics,  # the QC module names its figures qc/...
-    )
-    atomic.torch_save(qc.state_dict(), view_dir / "qc.pt")
-    try:
-        pose = PoseReference.from_ground_truth([c.prepared.gt for c in train_cases])
-        atomic.write_json(view_dir / POSE_FILE, pose.to_dict())
-    except ValueError as exc:
-        log.warning("%s: no reference pose recorded: %s", view, exc)
-    atomic.write_json(view_dir / "training" / "qc_history.json", jsonable(qc_history))
-
-
 def calibrate_reference_fences(
     model_set: ModelSet,
     val_cases: Sequence[PreparedCase],
@@ -238,12 +189,26 @@ def calibrate_reference_fences(
     With a tracker, a nested run records the strategy and each phase's fences as metrics
     (``fence.<phase>.pdc_low``, ``fence.<phase>.phd_high``) and ``fences.json``.
     """
+    assessor = make_assessor(model_set, cfg)
+    scored = [
+        assessor.score(c.key, c.prepared.image, c.net_spacing, c.origin)[0] for c in val_cases
+    ]
+    return fit_reference_fences(scored, model_set.view, cfg, tracker=tracker)
+
+
+def fit_reference_fences(
+    scored: Sequence[ScoredCase],
+    view: str,
+    cfg: QcloopConfig,
+    *,
+    tracker: Tracker | None = None,
+) -> ReferenceFences:
+    """Reference fences per phase and pooled (``"all"``) fitted on scored reference cases by
+    the configured strategy (see :func:`calibrate_reference_fences`)."""
     tracker = tracker if tracker is not None else NullTracker()
     th = cfg.assessment.thresholds
-    with tracker.start_run(f"calibrate {model_set.view}", tags={"qcloop.view": model_set.view}):
+    with tracker.start_run(f"calibrate {view}", tags={"qcloop.view": view}):
         tracker.log_params({"strategy": th.name, "strategy_params": dict(th.params)})
-        assessor = make_assessor(model_set, cfg)
-        scored = [assessor.score(c.key, c.prepared.image, c.net_spacing)[0] for c in val_cases]
         strategy = build_threshold_strategy(cfg)
         fences = fit_population_fences(scored, strategy, case_phase, skip_unfittable=True)
         fences.update(
@@ -251,8 +216,8 @@ def calibrate_reference_fences(
         )
         if "all" not in fences:
             raise RunError(
-                f"{model_set.view}: reference fences cannot be calibrated on the validation "
-                "cases; the model set fails them (train longer) or use population: transductive"
+                f"{view}: reference fences cannot be calibrated on the {len(scored)} reference "
+                "cases; the model fails them (train longer) or use population: transductive"
             )
         metrics = {"calibration_cases": float(len(scored))}
         for phase, f in fences.items():
@@ -262,5 +227,5 @@ def calibrate_reference_fences(
         result = ReferenceFences(th, fences, reference_summary([s.best()[0] for s in scored]))
         if not isinstance(tracker, NullTracker):
             with tempfile.TemporaryDirectory(prefix="qcloop-fences-") as tmp:
-                tracker.log_artifact(str(save_reference_fences(Path(tmp), result)), model_set.view)
+                tracker.log_artifact(str(save_reference_fences(Path(tmp), result)), view)
     return result

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import re
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from qcloop.monitor.core.atomic import sha256_file
 
@@ -212,8 +215,8 @@ def model_files(run_dir: Path, view: str) -> list[str]:
         raise RegistryError(f"{manifest}: missing - {run_dir} has no trained {view} model set")
     try:
         entries = json.loads(manifest.read_text())
-        rel = [f"{view}/{e['path']}" for e in entries]
-    except (ValueError, KeyError, TypeError) as exc:
+        rel = [f for e in entries for f in _entry_files(run_dir, view, e)]
+    except (ValueError, KeyError, TypeError, OSError) as exc:
         raise RegistryError(f"{manifest}: unreadable candidate list ({exc})") from exc
     if not rel:
         raise RegistryError(f"{manifest}: lists no candidates")
@@ -225,6 +228,23 @@ def model_files(run_dir: Path, view: str) -> list[str]:
         if not (run_dir / f).is_file():
             raise RegistryError(f"{run_dir / f}: missing file of the {view} model set")
     return files
+
+
+def _entry_files(run_dir: Path, view: str, entry: Mapping[str, Any]) -> list[str]:
+    """Relative paths of one candidate: its weights, or (a calibrated model qcloop did not
+    train) its card and the model file or folder the card names."""
+    if "card" not in entry:
+        return [f"{view}/{entry['path']}"]
+    card = posixpath.normpath(f"{view}/{entry['card']}")
+    if card.startswith(("../", "/")):
+        raise ValueError(f"candidate card {entry['card']!r} lies outside the run folder")
+    model = (run_dir / card).parent / str(yaml.safe_load((run_dir / card).read_text())["path"])
+    if model.is_dir():
+        return [
+            card,
+            *(p.relative_to(run_dir).as_posix() for p in sorted(model.rglob("*")) if p.is_file()),
+        ]
+    return [card, model.relative_to(run_dir).as_posix()]
 
 
 def _file_digests(run_dir: Path, view: str) -> dict[str, str]:

@@ -105,7 +105,7 @@ class OnlineScorer:
         except ValueError as exc:
             raise CaseError(case.source.image_path, str(exc), key=case.key) from exc
         t1 = time.perf_counter()
-        probs = self.runtime.segment(prepared.image)
+        probs = self.runtime.segment(prepared.image, (case, prepared.transform))
         t2 = time.perf_counter()
         sx, sy, sz = prepared.spacing
         spacing = (sz, sx, sy)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from qcloop.monitor import hookimpl
 from qcloop.monitor.core.config import QcloopConfig
 from qcloop.monitor.core.hookspecs import Register
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qcloop.monitor.method.assessment import CaseOrigin
 
 
 class TorchRuntime:
@@ -24,17 +27,20 @@ class TorchRuntime:
         self.n_candidates = len(model_set.candidates)
         self.batch_size = int(batch_size)
         for model in model_set.candidates:
-            model.eval()
+            if hasattr(model, "eval"):  # a model-card candidate runs as its card says
+                model.eval()
 
-    def segment(self, image: np.ndarray) -> list[np.ndarray]:
-        """Softmax maps of every candidate (no gradients)."""
+    def segment(self, image: np.ndarray, origin: CaseOrigin | None = None) -> list[np.ndarray]:
+        """Softmax maps of every candidate (no gradients); ``origin`` (the original case and
+        its transform) is what a model-card candidate runs on."""
         import torch
 
-        from qcloop.monitor.method.segmenter_training import predict_probabilities
+        from qcloop.monitor.method.assessment import net_probabilities
 
         with torch.inference_mode():
             return [
-                predict_probabilities(m, image, self.batch_size) for m in self.model_set.candidates
+                net_probabilities(m, image, self.batch_size, origin)
+                for m in self.model_set.candidates
             ]
 
     def reconstruct(self, probabilities: np.ndarray) -> np.ndarray:
@@ -42,8 +48,12 @@ class TorchRuntime:
         return self.model_set.qc.reconstruct(probabilities)
 
     def providers(self) -> list[str]:
-        """``["torch:cpu"]`` or ``["torch:cuda"]``: the device of the first candidate's weights."""
-        param = next(self.model_set.best.parameters())
+        """``["torch:cpu"]`` or ``["torch:cuda"]``: the device of the first candidate's weights;
+        for a model-card candidate, what its own runtime reports."""
+        best = self.model_set.best
+        if hasattr(best, "net_probabilities"):  # a model card: its own loader's runtime
+            return [f"{best.card.kind}:{p}" for p in best.model.providers()]
+        param = next(best.parameters())
         return [f"torch:{param.device.type}"]
 
 

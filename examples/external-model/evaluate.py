@@ -5,7 +5,7 @@ the real command line:
 
 1. ``qcloop qc train``: the QC module on the labelled training cases (vendor A; validated on
    vendor A's validation split), with the demo's configuration (``--reuse-qc``: the demo's
-   own QC module instead);
+   own QC module instead; ``--qc-run DIR``: a QC run trained before);
 2. ``qcloop calibrate``: the model card calibrated on vendor A's validation split;
 3. ``qcloop predict`` (``qcloop assess`` that also writes the masks) on the test split of
    vendors A, B and C.
@@ -59,6 +59,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, help="dataset (default: DEMO/data)")
     p.add_argument("--config", type=Path, help="qc train configuration (default: DEMO/config.yaml)")
     p.add_argument("--reuse-qc", action="store_true", help="use DEMO/run's QC modules")
+    p.add_argument("--qc-run", type=Path, help="use this QC run (qcloop qc train) instead")
     p.add_argument("--view", choices=["SA", "LA", "both"], default="both")
     p.add_argument("--reference-vendor", default="A", help="vendor of the calibration cases")
     p.add_argument("--timing-cases", type=int, default=0, help="cases timed per view (0: all)")
@@ -125,8 +126,8 @@ def run_chain(args: argparse.Namespace, views: list[str]) -> tuple[Path, Path, l
     folder and the command log."""
     log: list[dict[str, Any]] = []
     view = views[0] if len(views) == 1 else "both"
-    qc_run = args.demo / "run"
-    if not args.reuse_qc:
+    qc_run = args.qc_run or args.demo / "run"
+    if not args.reuse_qc and args.qc_run is None:
         qc_run = args.out / "qc-run"
         qc_train = ["qc", "train", "--data", str(args.data), "--out", str(qc_run)]
         run_cli([*qc_train, "--config", str(args.config), "--view", view], log)
@@ -209,6 +210,7 @@ def time_case(predictor: Any, scorer: Any, case: Any) -> dict[str, Any]:
 
 
 def _median(values: Sequence[float]) -> float | None:
+    """The median, ``None`` for no value."""
     return float(np.median(values)) if len(values) else None
 
 
@@ -245,6 +247,7 @@ def checks(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _mean(values: Sequence[float]) -> float | None:
+    """The mean, ``None`` for no value."""
     return float(np.mean(values)) if len(values) else None
 
 
@@ -272,12 +275,11 @@ def with_pooled(evals: list[CaseEvaluation]) -> list[CaseEvaluation]:
 def compare(ext: list[CaseEvaluation], own: list[CaseEvaluation] | None) -> dict[str, Any]:
     """Per vendor/view/structure the Dice and Pearson r, per vendor/view the failures, flags
     and AUROC, of the external model and (when given) of qcloop's own M."""
-    tables = {"external": ablation_tables(with_pooled(ext), [])}
+    evals = {"external": with_pooled(ext)}
     if own is not None:
         views = {e.key["view"] for e in ext}
-        tables["qcloop_M"] = ablation_tables(
-            with_pooled([e for e in own if e.key["view"] in views]), []
-        )
+        evals["qcloop_M"] = with_pooled([e for e in own if e.key["view"] in views])
+    tables = {name: ablation_tables(e, []) for name, e in evals.items()}
     qc: list[dict[str, Any]] = []
     for row in tables["external"]["qc"]:
         key = (row["vendor"], row["view"], row["structure"])
@@ -299,11 +301,23 @@ def compare(ext: list[CaseEvaluation], own: list[CaseEvaluation] | None) -> dict
         for name, t in tables.items():
             o = next((r for r in t["ood"] if (r["vendor"], r["view"]) == key), {})
             entry[name] = {k: o.get(k) for k in ("n_cases", "failures", "flagged", "auroc_failure")}
+            entry[name]["flagged_failures"] = flagged_failures(evals[name], *key)
         ood.append(entry)
     return {"qc": qc, "ood": ood}
 
 
+def flagged_failures(evals: list[CaseEvaluation], vendor: str, view: str) -> int:
+    """How many of one vendor's and view's failures (true RV Dice below the threshold) were
+    flagged out of distribution."""
+    return sum(
+        e.ood and e.true_m["RV"]["dice"] < FAILURE_DICE
+        for e in evals
+        if (e.key["vendor"], e.key["view"]) == (vendor, view)
+    )
+
+
 def _fmt(value: float | None, digits: int = 3) -> str:
+    """A table cell: the number, or ``n/a``."""
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
@@ -326,13 +340,15 @@ def markdown(evidence: dict[str, Any]) -> str:
         "",
         f"### Failures (true RV Dice < {FAILURE_DICE}) ranked by -pDC(RV)",
         "",
-        "| vendor | view | n | external failures | flagged | AUROC | M failures | flagged | AUROC |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| vendor | view | n | external failures | flagged | flagged failures | AUROC "
+        "| M failures | flagged | flagged failures | AUROC |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for o in evidence["ood"]:
         e, m = o["external"], o.get("qcloop_M", {})
-        cells = [e["n_cases"], e["failures"], e["flagged"], _fmt(e["auroc_failure"])]
-        cells += [m.get("failures", "-"), m.get("flagged", "-"), _fmt(m.get("auroc_failure"))]
+        cells = [e["n_cases"], e["failures"], e["flagged"], e["flagged_failures"]]
+        cells += [_fmt(e["auroc_failure"]), m.get("failures", "-"), m.get("flagged", "-")]
+        cells += [m.get("flagged_failures", "-"), _fmt(m.get("auroc_failure"))]
         lines.append(f"| {o['vendor']} | {o['view']} | " + " | ".join(map(str, cells)) + " |")
     lines += [
         "",
@@ -388,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seconds": round(time.perf_counter() - t0, 1),
             "cases": len(evals),
             "views": views,
-            "qc_run": "demo run (reused)" if args.reuse_qc else "qcloop qc train",
+            "qc_run": str(args.qc_run or ("DEMO/run" if args.reuse_qc else "qcloop qc train")),
             "own_evaluations": str(own_file) if own is not None else None,
             "cpus": os.cpu_count(),
             "loadavg_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],

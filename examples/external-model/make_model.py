@@ -48,7 +48,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, type=Path, help="labelled dataset (M&Ms-2 layout)")
     p.add_argument("--out", required=True, type=Path, help="folder for model.onnx and card.yaml")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--size", type=int, default=160, help="input side in pixels")
     p.add_argument("--spacing", type=float, default=1.5, help="in-plane spacing in mm")
     p.add_argument("--views", default="SA,LA", help="views to train on and declare")
@@ -130,7 +130,11 @@ def validation_dice(net: torch.nn.Module, images: np.ndarray, labels: np.ndarray
     return out
 
 
-def train(args: argparse.Namespace, train_set: tuple, val_set: tuple) -> dict[str, Any]:
+def train(
+    args: argparse.Namespace,
+    train_set: tuple[np.ndarray, np.ndarray, list[str]],
+    val_set: tuple[np.ndarray, np.ndarray],
+) -> dict[str, Any]:
     """Train the U-Net; returns the best state (by mean validation Dice) and the history."""
     from monai.losses import DiceCELoss
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
+import json
+from pathlib import Path
+from typing import Any
 
-from qcloop.monitor.core.config import QcloopConfig
+import numpy as np
+import torch
+import yaml
+
+from qcloop.monitor.core.config import QcloopConfig, load_config
 
 
 def heart_slices(n: int, size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -65,3 +71,42 @@ def tiny_run_config() -> QcloopConfig:
             },
         }
     )
+
+
+def torch_card(
+    tiny_run: Path,
+    folder: Path,
+    *,
+    module: str | None = None,
+    labels: str | None = None,
+    input_: dict[str, Any] | None = None,
+) -> Path:
+    """A ``torch`` model card of a run's best SA candidate, as its own authors would write it
+    (``module``: another class by import path; ``labels``: its label order as YAML; ``input_``:
+    fields replacing the run's own preparation)."""
+    cfg = load_config(tiny_run / "config.yaml")
+    folder.mkdir(parents=True, exist_ok=True)
+    entry = json.loads((tiny_run / "SA" / "candidates.json").read_text())[0]
+    state = torch.load(tiny_run / "SA" / entry["path"], weights_only=True)["state_dict"]
+    torch.save(state, folder / "weights.pt")
+    spec = {
+        "spacing_mm": cfg.preprocessing.target_spacing_mm,
+        "size": cfg.preprocessing.size,
+        "divisor": 16,
+        "normalise": cfg.preprocessing.normalisation,
+    }
+    card = {
+        "kind": "torch",
+        "path": "weights.pt",
+        "module": module or "qcloop.segmenters.bn2.BN2UNet",
+        "params": dict(cfg.segmenter.params),
+        "views": ["SA"],
+        "input": {**spec, **(input_ or {})},
+        "output": {
+            "activation": "softmax",
+            "labels": yaml.safe_load(labels or "{0: background, 1: LV, 2: MYO, 3: RV}"),
+        },
+    }
+    path = folder / "card.yaml"
+    path.write_text(yaml.safe_dump(card, sort_keys=False))
+    return path

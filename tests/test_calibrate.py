@@ -15,14 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from click.testing import CliRunner
 
 from qcloop.monitor.cli.main import cli
-from qcloop.monitor.core.config import load_config
 from qcloop.monitor.method.calibrate import calibrate_model, file_sha256
 from qcloop.monitor.method.run_folder import RunError, load_fences
+from tests.helpers import torch_card
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -51,42 +50,11 @@ def swapped_module(tmp_path_factory: pytest.TempPathFactory) -> str:
     sys.path.remove(str(folder))
 
 
-def write_card(
-    tiny_run: Path, folder: Path, *, module: str | None = None, labels: str | None = None
-) -> Path:
-    """A ``torch`` card of the tiny run's best SA candidate, as its own authors would write it."""
-    cfg = load_config(tiny_run / "config.yaml")
-    folder.mkdir(parents=True, exist_ok=True)
-    entry = json.loads((tiny_run / "SA" / "candidates.json").read_text())[0]
-    state = torch.load(tiny_run / "SA" / entry["path"], weights_only=True)["state_dict"]
-    torch.save(state, folder / "weights.pt")
-    card = {
-        "kind": "torch",
-        "path": "weights.pt",
-        "module": module or "qcloop.segmenters.bn2.BN2UNet",
-        "params": dict(cfg.segmenter.params),
-        "views": ["SA"],
-        "input": {
-            "spacing_mm": cfg.preprocessing.target_spacing_mm,
-            "size": cfg.preprocessing.size,
-            "divisor": 16,
-            "normalise": cfg.preprocessing.normalisation,
-        },
-        "output": {
-            "activation": "softmax",
-            "labels": yaml.safe_load(labels or "{0: background, 1: LV, 2: MYO, 3: RV}"),
-        },
-    }
-    path = folder / "card.yaml"
-    path.write_text(yaml.safe_dump(card, sort_keys=False))
-    return path
-
-
 @pytest.fixture(scope="module")
 def calibrated(tiny_run: Path, tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny run's SA candidate, as a card, calibrated on vendor A's cases."""
     root = tmp_path_factory.mktemp("calibrated")
-    card = write_card(tiny_run, root / "vendor")
+    card = torch_card(tiny_run, root / "vendor")
     out = root / "run"
     result = CliRunner().invoke(
         cli,
@@ -128,7 +96,7 @@ def test_calibrated_run_is_self_contained(calibrated: Path) -> None:
 def test_label_order_is_mapped(
     calibrated: Path, tiny_run: Path, tiny_cohort: Path, swapped_module: str, tmp_path: Path
 ) -> None:
-    card = write_card(
+    card = torch_card(
         tiny_run,
         tmp_path / "swapped",
         module=swapped_module,
@@ -175,7 +143,7 @@ def test_assess_and_online_scoring_accept_the_run(
 
 
 def test_bad_calibrations_leave_nothing(tiny_run: Path, tiny_cohort: Path, tmp_path: Path) -> None:
-    card = write_card(tiny_run, tmp_path / "vendor")
+    card = torch_card(tiny_run, tmp_path / "vendor")
     with pytest.raises(RunError, match="segments \\['SA'\\], not LA"):
         calibrate_model(tiny_run, card, tiny_cohort, tmp_path / "a", views=["LA"])
     qc_only = tmp_path / "qc-only"
@@ -202,27 +170,6 @@ def test_registry_packages_the_card_and_its_model(calibrated: Path, tmp_path: Pa
     verify(tmp_path / "copy", "SA", digest)
     model_set = load_model_set(tmp_path / "copy", "SA")
     assert model_set.best.card.kind == "torch"
-
-
-def test_refine_says_why_a_card_model_is_not_refined(
-    calibrated: Path, tiny_cohort: Path, tmp_path: Path
-) -> None:
-    result = CliRunner().invoke(
-        cli,
-        [
-            "refine",
-            "--run",
-            str(calibrated),
-            "--data",
-            str(tiny_cohort),
-            "--out",
-            str(tmp_path / "refined"),
-        ],
-    )
-    assert result.exit_code == 1
-    assert "cannot refine its torch model" in result.output
-    assert "monitoring, drift alerts and serving work" in result.output
-    assert not (tmp_path / "refined").exists()
 
 
 def test_masks_made_elsewhere_are_calibrated_then_judged(

@@ -30,6 +30,7 @@ from qcloop.monitor.method.cases import (
     sources_for,
     split_labelled,
 )
+from qcloop.monitor.method.external import load_card_model
 from qcloop.monitor.method.run_folder import (
     RunError,
     load_model_set,
@@ -38,6 +39,7 @@ from qcloop.monitor.method.run_folder import (
     run_views,
     save_candidates,
 )
+from qcloop.monitor.method.segmenter_training import predict_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +79,13 @@ def refine_run(
         raise ValueError(f"{out}: refined models go beside the original run, not over it")
     cfg = cfg or load_run_config(run)
     parent = read_run_info(run)
-    refuse_card_runs(run, parent)
     views = [v for v in (views or run_views(run))]
-    labelled_dir = labelled_dir or parent.get("data")
+    card_run = refuse_card_runs(run, parent, views)
+    labelled_dir = labelled_dir or default_labelled(parent)
     copy_run_skeleton(run, out, views)
     info: dict[str, Any] = {
         "qcloop_version": __version__,
-        "kind": "refined",
+        "kind": "external" if card_run else "refined",
         "created": utc_now(),
         "data": parent.get("data"),
         "parent": str(run.resolve()),
@@ -106,9 +108,12 @@ def refine_run(
                 "where": json.dumps(where or {}, sort_keys=True),
             }
         )
+        refine_one = refine_view
+        if card_run:
+            from qcloop.monitor.method.refine_card import refine_card_view as refine_one
         for view in views:
             with tracker.start_run(f"refine {out.name} {view}", tags={"qcloop.view": view}):
-                info["views"][view] = result = refine_view(
+                info["views"][view] = result = refine_one(
                     view,
                     run,
                     out,
@@ -119,38 +124,45 @@ def refine_run(
                     (assessed_by_view or {}).get(view),
                 )
                 _log_refinement(tracker, result)
+        if card_run:
+            info.update({k: parent[k] for k in ("card", "qc_run") if k in parent})
         atomic.write_json(out / "run.json", info)
         log_file(tracker, out / "run.json")
     return info
 
 
-def refuse_card_runs(run: Path, info: dict[str, Any]) -> None:
-    """``RunError`` for a run whose model qcloop did not train (``qcloop calibrate``): such a
-    model is monitored, alerted on and served, but not refined here."""
+def refuse_card_runs(run: Path, info: dict[str, Any], views: Sequence[str]) -> bool:
+    """Whether ``run`` holds a model qcloop did not train (``qcloop calibrate``) that can be
+    refined here (a trainable card on a fixed grid); ``RunError`` saying why for one that
+    cannot: such a model is monitored, alerted on and served, but not refined."""
     kind = info.get("kind")
     if kind not in ("external", "masks"):
-        return
+        return False
     if kind == "masks":
         raise RunError(
             f"{run}: calibrated on masks made elsewhere; there is no model here to refine"
         )
-    card = info.get("card") or {}
-    what = f"its {card.get('kind', 'external')} model"
-    if card.get("kind") == "torch":
-        reason = (
-            "refining a torch model card (on its own grid and label order) is not built yet; "
-            "fine-tune it with its own framework on the flagged cases (qcloop assess lists them)"
-        )
-    else:
-        reason = (
-            f"{what} is not trainable here (onnx, torchscript and nnunet files hold no "
-            "training graph); give a torch card (module + weights) or fine-tune it where it was "
-            "trained, on the flagged cases that qcloop assess lists"
-        )
-    raise RunError(
-        f"{run}: cannot refine {what}: {reason}; monitoring, drift alerts and "
-        "serving work as for a trained run"
-    )
+    from qcloop.monitor.method.refine_card import card_refinement_problem
+
+    for view in views:
+        entry = json.loads((run / view / "candidates.json").read_text())[0]
+        predictor = load_card_model(run / view / entry["card"])
+        problem = card_refinement_problem(predictor)
+        if problem:
+            raise RunError(
+                f"{run}: cannot refine {view}: {problem}; monitoring, drift alerts and "
+                "serving work as for a trained run"
+            )
+    return True
+
+
+def default_labelled(info: dict[str, Any]) -> str | None:
+    """The labelled data anchoring a refinement: a trained run's training data; a calibrated
+    run's QC run's (its own ``data`` is the unlabelled reference set)."""
+    qc_run = info.get("qc_run")
+    if info.get("kind") == "external" and qc_run and Path(qc_run, "run.json").is_file():
+        return read_run_info(Path(qc_run)).get("data")
+    return info.get("data")
 
 
 def _log_refinement(tracker: Tracker, result: dict[str, Any]) -> None:
@@ -218,7 +230,10 @@ def refine_view(
     fences = [a.scored.fences for a in flagged_items]
 
     def still_ood(model: Any) -> int:
-        return count_still_ood(assessor, model, flagged_items, fences)
+        def probabilities(i: int) -> np.ndarray:
+            return predict_probabilities(model, flagged_items[i].item.prepared.image)
+
+        return count_still_ood(assessor, probabilities, flagged_items, fences)
 
     refined, histories = [], []
     for i, candidate in enumerate(model_set.candidates):
@@ -256,18 +271,21 @@ class CaseQC:
 
 
 def count_still_ood(
-    assessor: Assessor, model: Any, flagged: Sequence[Assessed], fences: Sequence[Any]
+    assessor: Assessor,
+    probabilities: Callable[[int], np.ndarray],
+    flagged: Sequence[Assessed],
+    fences: Sequence[Any],
 ) -> int:
-    """How many flagged cases one candidate still leaves outside its fences."""
+    """How many flagged cases one candidate still leaves outside its fences;
+    ``probabilities(i)`` is its softmax maps of flagged case ``i`` on the QC module's grid."""
     from qcloop.monitor.method.assessment import STRUCTURE_NAMES, decision_value, pseudo_metrics
-    from qcloop.monitor.method.segmenter_training import predict_probabilities
 
     # only the decision structure matters here: skip the other structures' distances
     decision = assessor.decision_structure
     structures = STRUCTURE_NAMES if decision == "mean" else (decision,)
     n = 0
-    for a, f in zip(flagged, fences, strict=True):
-        probs = predict_probabilities(model, a.item.prepared.image)
+    for i, (a, f) in enumerate(zip(flagged, fences, strict=True)):
+        probs = probabilities(i)
         recon = assessor.reconstruct(probs)
         scores = pseudo_metrics(
             probs.argmax(1),

@@ -31,7 +31,7 @@ def _need_onnx(command: str, exporter: str = "torchscript") -> None:
     "run_dir",
     type=click.Path(path_type=Path, file_okay=False),
     required=True,
-    help="Trained run folder.",
+    help="Run folder: trained, refined, or calibrated (a model card; qcloop calibrate).",
 )
 @click.option(
     "--out",

@@ -74,7 +74,8 @@ def export_run(
     """Export every candidate segmenter and the QC module of each view of ``run`` to ONNX.
 
     Args:
-        run: a trained run folder.
+        run: a run folder (trained, refined, or calibrated: a model card, see
+            :mod:`qcloop.deploy.onnx.card_export`).
         out: export folder (default ``RUN/onnx``); a previous export there is replaced.
         views: views to export (default: every trained view).
         opset: ONNX opset (default: the exporter's).
@@ -198,10 +199,15 @@ def _export_view(
         "run": str(run.resolve()),
         "run_kind": str(info.get("kind", "trained")),
     }
-    x = parity.images[:, None]
-    candidates, probabilities, opset = _export_candidates(
-        model_set, x, common, staging, cfg, settings
-    )
+    if hasattr(model_set.best, "net_probabilities"):  # a model card (qcloop calibrate)
+        candidates, probabilities, opset = _export_card(
+            model_set.best, common, staging, cfg, settings, run_data
+        )
+    else:
+        x = parity.images[:, None]
+        candidates, probabilities, opset = _export_candidates(
+            model_set, x, common, staging, cfg, settings
+        )
     qc = _export_qc(model_set.qc, probabilities, common, staging, cfg, settings)
     entry = {
         "input_size": size,
@@ -326,6 +332,32 @@ def _export_candidates(
         )  # fmt: skip
         entries.append(entry)
     return entries, probabilities, opset
+
+
+def _export_card(
+    predictor: Any,
+    common: dict[str, Any],
+    staging: Path,
+    cfg: Any,
+    settings: _Settings,
+    run_data: Path | None,
+) -> tuple[list[dict[str, Any]], list[np.ndarray], int]:
+    """A calibrated run's card model (:mod:`qcloop.deploy.onnx.card_export`): its manifest
+    entry, its maps of the parity slices taken onto the QC grid (the QC module's parity
+    inputs), and the opset of the written file."""
+    import onnx
+
+    from qcloop.deploy.onnx.card_export import export_card_candidate
+    from qcloop.monitor.method.refine_card import resample_centred
+
+    entry, _, probs = export_card_candidate(
+        predictor, common["view"], common, staging, settings, run_data
+    )
+    qc_spacing = cfg.preprocessing.target_spacing_mm or predictor.card.input.spacing_mm or 1.0
+    card_spacing = predictor.card.input.spacing_mm or qc_spacing
+    on_qc = resample_centred(probs, card_spacing, common["input_size"], qc_spacing)
+    opset = opset_of(onnx.load(str(staging / entry["file"]), load_external_data=False))
+    return [entry], [on_qc], opset
 
 
 def _export_qc(

@@ -123,6 +123,8 @@ class _ViewExport:
     num_classes: int
     files: list[str]
     digests: list[str | None]
+    #: per candidate, the card of a model qcloop did not train (``qcloop calibrate``), or None
+    cards: list[str | None]
 
     @classmethod
     def read(cls, root: Path, view: str) -> _ViewExport:
@@ -141,6 +143,7 @@ class _ViewExport:
                 num_classes=int(entry["num_classes"]),
                 files=[c["file"] for c in candidates] + [qc["file"]],
                 digests=[c.get("sha256") for c in candidates] + [qc.get("sha256")],
+                cards=[c.get("card") for c in candidates],
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ExportError(f"{where}: view {view}: malformed entry ({exc})") from exc
@@ -245,6 +248,8 @@ class OrtRuntime:
         self.files = list(files)
         self.requested = list(requested)
         self._io = [(s.get_inputs()[0].name, s.get_outputs()[0].name) for s in self.sessions]
+        #: per candidate, a model card's predictor on its session (run on the original case)
+        self.cards: list[Any] = [None] * len(self.sessions)
         self._qc_io = (qc.get_inputs()[0].name, qc.get_outputs()[0].name)
 
     @classmethod
@@ -278,13 +283,18 @@ class OrtRuntime:
             path = root / rel
             role = "qc" if index == len(export.files) - 1 else "segmenter"
             session = _open_session(path, digest, options, wanted, root / MANIFEST)
-            _check_session(path, session, view, role, export.input_size, export.num_classes)
+            if role == "qc" or export.cards[index] is None:
+                _check_session(path, session, view, role, export.input_size, export.num_classes)
             sessions.append(session)
         runtime = cls(
             view, sessions[:-1], sessions[-1], input_size=export.input_size,
             divisor=export.divisor, num_classes=export.num_classes, batch_size=batch_size,
             files=[str(root / f) for f in export.files], requested=wanted,
         )  # fmt: skip
+        runtime.cards = [
+            _card_predictor(root / card, session) if card else None
+            for card, session in zip(export.cards, sessions, strict=False)
+        ]
         runtime._log_providers()
         return runtime
 
@@ -308,12 +318,20 @@ class OrtRuntime:
         return np.ascontiguousarray(image, dtype=np.float32)  # no copy when already so
 
     def segment(self, image: np.ndarray, origin: Any = None) -> list[np.ndarray]:
-        """Softmax maps ``(Z, C, S, S)`` of every candidate (best first); ``origin`` (the
-        original case) is not needed: exported candidates run on the prepared slices."""
+        """Softmax maps ``(Z, C, S, S)`` of every candidate (best first). qcloop's own
+        candidates run on the prepared slices; a model card's runs on ``origin`` (the original
+        case and its transform) as its card says."""
         x = self._check_image(np.asarray(image))[:, None]
         z, s, c, b = len(x), self.input_size, self.num_classes, self.batch_size
         results = []
-        for session, (in_name, out_name) in zip(self.sessions, self._io, strict=True):
+        for session, (in_name, out_name), card in zip(
+            self.sessions, self._io, self.cards, strict=True
+        ):
+            if card is not None:
+                if origin is None:
+                    raise ValueError(f"{self.view}: a model-card candidate needs the original case")
+                results.append(card.net_probabilities(*origin))
+                continue
             out = np.empty((z, c, s, s), np.float32)
             for i in range(0, z, b):
                 (logits,) = session.run([out_name], {in_name: x[i : i + b]})
@@ -358,6 +376,18 @@ class OrtRuntime:
             "input_size": self.input_size,
             "batch_size": self.batch_size,
         }
+
+
+def _card_predictor(card_path: Path, session: Any) -> Any:
+    """A model card of an export run on its already opened (and digest-checked) session."""
+    from qcloop.deploy.onnx.card_model import OnnxCardModel
+    from qcloop.monitor.core.model_card import ModelCardError, load_card
+    from qcloop.monitor.method.external import CardPredictor
+
+    try:
+        return CardPredictor(load_card(card_path), OnnxCardModel(session))
+    except ModelCardError as exc:
+        raise ExportError(str(exc)) from exc
 
 
 def runtime_for_run(

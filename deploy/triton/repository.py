@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from qcloop.deploy.staging import is_replaceable, staged_folder
 from qcloop.deploy.triton.check import check_repository
@@ -95,6 +96,8 @@ class _StagedRepository:
     max_batch: int
     kind: str
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: per view, the model card of a calibrated run's model (the client prepares as it says)
+    cards: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def add(
         self, name: str, config: str, view: str, role: str, source: str, model: bytes | None
@@ -115,9 +118,42 @@ class _StagedRepository:
         )
 
 
+def _add_card_view(repo: _StagedRepository, src: Path, view: str, entry: dict[str, Any]) -> None:
+    """One view of a calibrated run's export: the card's model as it is (``v_card_model``,
+    tensors as its file names them, on the card's grid and in its label order) and the QC
+    module. There is no ensemble: the card's preparation, activation and label order, and the
+    move onto the QC grid, happen in the client (the card is in the repository summary)."""
+    from qcloop.deploy.triton.check import _onnx_signature
+
+    v, cand = view.lower(), entry["candidates"][0]
+    sig = _onnx_signature(src / cand["file"])
+    tensors = {
+        kind: [(name, [-1 if isinstance(d, str) or d <= 0 else d for d in dims[1:]])
+               for name, (_, dims) in sig[kind].items()]
+        for kind in ("input", "output")
+    }  # fmt: skip
+    name = f"{v}_card_model"
+    note = (
+        f"{view} model qcloop did not train ({cand.get('source_kind', 'onnx')} card): raw output."
+    )
+    config = repo.onnx_config(name, tensors["input"], tensors["output"], note)
+    repo.add(name, config, view, "card-model", cand["file"], (src / cand["file"]).read_bytes())
+    repo.cards[view] = yaml.safe_load((src / cand["card"]).read_text())
+    s, c = int(entry["input_size"]), int(entry["num_classes"])
+    maps = [c, s, s]
+    qc_name, qc_file = f"{v}_qc", entry["qc"]["file"]
+    note = f"{view} QC autoencoder: reconstructed probabilities (softmax applied)."
+    config = repo.onnx_config(qc_name, [("probabilities", maps)], [("reconstruction", maps)], note)
+    repo.add(qc_name, config, view, "qc", qc_file, (src / qc_file).read_bytes())
+
+
 def _add_view(repo: _StagedRepository, src: Path, view: str, entry: dict[str, Any]) -> None:
     """The models of one view of the export ``src``: candidates, the best one with softmax,
-    the QC module and the ensemble of those two."""
+    the QC module and the ensemble of those two (a calibrated run's card model:
+    :func:`_add_card_view`)."""
+    if entry["candidates"] and "card" in entry["candidates"][0]:
+        _add_card_view(repo, src, view, entry)
+        return
     v = view.lower()
     s, c = int(entry["input_size"]), int(entry["num_classes"])
     image, maps = ("image", [1, s, s]), [c, s, s]
@@ -201,6 +237,8 @@ def write_repository(
             "instance_kind": kind,
             "models": repo.models,
         }
+        if repo.cards:
+            summary["cards"] = repo.cards
         write_json(staging / REPOSITORY_SUMMARY, summary)
     return summary
 

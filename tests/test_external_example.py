@@ -102,3 +102,46 @@ def test_make_model_and_evaluate(tiny_demo: Path, tiny_cohort: Path, tmp_path: P
     assert evidence["checks"]["max_abs_dice_mask_vs_record"] < 1e-9
     assert evidence["checks"]["max_abs_pdc_scorer_vs_predict"] < 1e-6
     assert (evidence_dir / "evidence.md").read_text().startswith("### Agreement")
+
+    # ... and the calibrated MONAI model goes live: an inbox monitored, a request served, with
+    # its ONNX file exported beside the QC module and run by ONNX Runtime
+    go_live(evidence_dir / "calibrated", tiny_cohort, tmp_path)
+
+
+def go_live(run: Path, cohort: Path, tmp_path: Path) -> None:
+    """``qcloop monitor`` (in-process runtime) over an inbox of LA cases, then ``qcloop
+    export-onnx`` (both views) and ``qcloop serve`` on ONNX Runtime for one SA case."""
+    from click.testing import CliRunner
+
+    from qcloop.deploy.serve.app import create_app
+    from qcloop.deploy.serve.model_source import RunSource
+    from qcloop.monitor.cli.main import cli
+    from qcloop.monitor.ops.monitor import Monitor
+    from tests.monitor_support import champions_of, feed_inbox, monitor_cfg, read_records
+    from tests.test_serve import KEY, LiveServer, check_segmentation, cohort_file, post, serve_cfg
+
+    inbox, out = tmp_path / "inbox", tmp_path / "monitor"
+    fed = feed_inbox(inbox, cohort, "LA", {"A", "B", "C"}, 3)
+    mon = Monitor(inbox, out, monitor_cfg(run), champions_of(run, ("LA",)), settle_s=0)
+    try:
+        assert mon.step() == len(fed)
+    finally:
+        mon.close()
+    records = read_records(out)
+    assert len(records) == len(fed) and all("error" not in r for r in records)
+
+    result = CliRunner().invoke(cli, ["export-onnx", "--run", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "SA/model.onnx: copied" in result.output
+    source = RunSource(run)
+    app = create_app(source, serve_cfg(run, runtime="onnxruntime"), api_key=KEY,
+                     initial=source.load("onnxruntime"))  # fmt: skip
+    server = LiveServer(app)
+    try:
+        with server.client() as client:
+            path = cohort_file(cohort, "SA")
+            response = post(client, path.read_bytes(), path.name)
+            assert response.status_code == 200, response.text
+            check_segmentation(response.json(), path)
+    finally:
+        server.stop()

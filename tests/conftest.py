@@ -97,3 +97,33 @@ def run_copy(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     dst = tmp_path_factory.mktemp("monitor-run") / "run"
     shutil.copytree(tiny_run, dst)
     return dst
+
+
+#: The tiny BN2 with its output classes as (background, RV, MYO, LV): a model in another label
+#: order, for model cards.
+SWAPPED_BN2_SOURCE = """
+from qcloop.segmenters.bn2 import BN2UNet
+
+
+class SwappedBN2(BN2UNet):
+    def forward(self, x):
+        out = super().forward(x)
+        if isinstance(out, (list, tuple)):
+            return [o[:, [0, 3, 2, 1]] for o in out]
+        return out[:, [0, 3, 2, 1]]
+"""
+
+
+@pytest.fixture(scope="session")
+def swapped_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Import path of :data:`SWAPPED_BN2_SOURCE`'s class (a module written onto ``sys.path``)."""
+    import sys
+    import textwrap
+    import uuid
+
+    folder = tmp_path_factory.mktemp("card-nets")
+    name = f"qcloop_test_nets_{uuid.uuid4().hex[:8]}"
+    (folder / f"{name}.py").write_text(textwrap.dedent(SWAPPED_BN2_SOURCE))
+    sys.path.insert(0, str(folder))
+    yield f"{name}.SwappedBN2"
+    sys.path.remove(str(folder))

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-import textwrap
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -24,30 +21,6 @@ from qcloop.monitor.method.run_folder import RunError, load_fences
 from tests.helpers import torch_card
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-#: A BN2 whose output channels come in another order (RV and LV swapped).
-SWAPPED_SOURCE = """
-from qcloop.segmenters.bn2 import BN2UNet
-
-
-class SwappedBN2(BN2UNet):
-    def forward(self, x):
-        out = super().forward(x)
-        if isinstance(out, (list, tuple)):
-            return [o[:, [0, 3, 2, 1]] for o in out]
-        return out[:, [0, 3, 2, 1]]
-"""
-
-
-@pytest.fixture(scope="module")
-def swapped_module(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Import path of :data:`SWAPPED_SOURCE`'s class (a module written onto ``sys.path``)."""
-    folder = tmp_path_factory.mktemp("card-nets")
-    name = f"qcloop_test_nets_{uuid.uuid4().hex[:8]}"
-    (folder / f"{name}.py").write_text(textwrap.dedent(SWAPPED_SOURCE))
-    sys.path.insert(0, str(folder))
-    yield f"{name}.SwappedBN2"
-    sys.path.remove(str(folder))
 
 
 @pytest.fixture(scope="module")

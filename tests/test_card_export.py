@@ -158,35 +158,9 @@ def test_the_exported_card_run_goes_live(
 ) -> None:
     """``qcloop monitor`` scores an inbox with the card run, and ``qcloop serve`` answers with
     the card's model on ONNX Runtime."""
-    from qcloop.deploy.serve.app import create_app
-    from qcloop.deploy.serve.model_source import RunSource
-    from qcloop.monitor.ops.monitor import Monitor
-    from tests.monitor_support import champions_of, feed_inbox, monitor_cfg, read_records
-    from tests.test_serve import KEY, LiveServer, check_segmentation, cohort_file, post, serve_cfg
+    from tests.live_support import monitor_once, serve_one
 
-    inbox, out = tmp_path / "inbox", tmp_path / "out"
-    fed = feed_inbox(inbox, tiny_cohort, "SA", {"A", "B", "C"}, 4)
-    cfg = monitor_cfg(torch_card_run)
-    mon = Monitor(inbox, out, cfg, champions_of(torch_card_run, ("SA",)), settle_s=0)
-    try:
-        assert mon.step() == len(fed)
-    finally:
-        mon.close()
-    records = read_records(out)
-    assert len(records) == len(fed) and all("error" not in r for r in records)
+    records = monitor_once(torch_card_run, tiny_cohort, "SA", tmp_path, 4)
     assert all(0.0 <= r["candidates"][0]["RV"]["pdc"] <= 1.0 for r in records)
-
-    source = RunSource(torch_card_run)
-    cfg = serve_cfg(torch_card_run, runtime="onnxruntime")
-    server = LiveServer(create_app(source, cfg, api_key=KEY, initial=source.load("onnxruntime")))
-    try:
-        with server.client() as client:
-            path = cohort_file(tiny_cohort, "SA")
-            response = post(client, path.read_bytes(), path.name)
-            assert response.status_code == 200, response.text
-            body = response.json()
-            check_segmentation(body, path)
-            assert body["record"]["runtime"]["name"] == "onnxruntime"
-            assert body["record"]["runtime"]["providers"] == ["CPUExecutionProvider"]
-    finally:
-        server.stop()
+    body = serve_one(torch_card_run, tiny_cohort, "SA", "onnxruntime")
+    assert body["record"]["runtime"]["providers"] == ["CPUExecutionProvider"]

@@ -113,35 +113,11 @@ def go_live(run: Path, cohort: Path, tmp_path: Path) -> None:
     export-onnx`` (both views) and ``qcloop serve`` on ONNX Runtime for one SA case."""
     from click.testing import CliRunner
 
-    from qcloop.deploy.serve.app import create_app
-    from qcloop.deploy.serve.model_source import RunSource
     from qcloop.monitor.cli.main import cli
-    from qcloop.monitor.ops.monitor import Monitor
-    from tests.monitor_support import champions_of, feed_inbox, monitor_cfg, read_records
-    from tests.test_serve import KEY, LiveServer, check_segmentation, cohort_file, post, serve_cfg
+    from tests.live_support import monitor_once, serve_one
 
-    inbox, out = tmp_path / "inbox", tmp_path / "monitor"
-    fed = feed_inbox(inbox, cohort, "LA", {"A", "B", "C"}, 3)
-    mon = Monitor(inbox, out, monitor_cfg(run), champions_of(run, ("LA",)), settle_s=0)
-    try:
-        assert mon.step() == len(fed)
-    finally:
-        mon.close()
-    records = read_records(out)
-    assert len(records) == len(fed) and all("error" not in r for r in records)
-
+    monitor_once(run, cohort, "LA", tmp_path, 3)
     result = CliRunner().invoke(cli, ["export-onnx", "--run", str(run)])
     assert result.exit_code == 0, result.output
     assert "SA/model.onnx: copied" in result.output
-    source = RunSource(run)
-    app = create_app(source, serve_cfg(run, runtime="onnxruntime"), api_key=KEY,
-                     initial=source.load("onnxruntime"))  # fmt: skip
-    server = LiveServer(app)
-    try:
-        with server.client() as client:
-            path = cohort_file(cohort, "SA")
-            response = post(client, path.read_bytes(), path.name)
-            assert response.status_code == 200, response.text
-            check_segmentation(response.json(), path)
-    finally:
-        server.stop()
+    serve_one(run, cohort, "SA", "onnxruntime")

@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-import textwrap
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,32 +27,10 @@ from tests.helpers import torch_card
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-#: The tiny BN2 with its output classes as (background, RV, MYO, LV).
-SWAPPED_SOURCE = """
-from qcloop.segmenters.bn2 import BN2UNet
-
-
-class SwappedBN2(BN2UNet):
-    def forward(self, x):
-        out = super().forward(x)
-        if isinstance(out, (list, tuple)):
-            return [o[:, [0, 3, 2, 1]] for o in out]
-        return out[:, [0, 3, 2, 1]]
-"""
+#: The label order of the ``swapped_module`` fixture's network (conftest.py).
 SWAPPED_LABELS = "{0: background, 1: RV, 2: MYO, 3: LV}"
 #: The card's own grid: coarser than the tiny run's QC grid (4 mm, 64 px).
 CARD_GRID = {"spacing_mm": 5.0, "size": 48}
-
-
-@pytest.fixture(scope="module")
-def swapped_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Import path of :data:`SWAPPED_SOURCE`'s class (a module written onto ``sys.path``)."""
-    folder = tmp_path_factory.mktemp("card-nets")
-    name = f"qcloop_refine_nets_{uuid.uuid4().hex[:8]}"
-    (folder / f"{name}.py").write_text(textwrap.dedent(SWAPPED_SOURCE))
-    sys.path.insert(0, str(folder))
-    yield f"{name}.SwappedBN2"
-    sys.path.remove(str(folder))
 
 
 @pytest.fixture(scope="module")

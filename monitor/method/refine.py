@@ -210,12 +210,7 @@ def refine_view(
     rc = cfg.refinement.refiner
     model_set = load_model_set(run, view, cfg)
     pre = make_preprocessor(cfg, getattr(model_set.best, "divisor", 1))
-    if assessed is None:
-        flagged_items: list[Assessed] = []
-        cases = load_prepared(sources_for(data_dir, [view], where), pre)
-        n_cases = len(assess_prepared(model_set, cases, cfg, flag_collector(flagged_items)))
-    else:
-        n_cases, flagged_items = assessed
+    n_cases, flagged_items = assessed or assess_window(model_set, cfg, data_dir, pre, where)
     flagged = FlaggedSet(
         images=[a.item.prepared.image for a in flagged_items],
         selected=[a.probs[0] for a in flagged_items],
@@ -260,6 +255,16 @@ def refine_view(
         "flagged_keys": [f"{a.item.case.key}" for a in flagged_items],
         "history": jsonable(histories),
     }
+
+
+def assess_window(
+    model_set: Any, cfg: QcloopConfig, data_dir: str | Path, pre: Any, where: dict[str, Any] | None
+) -> tuple[int, list[Assessed]]:
+    """Assess the cases of ``data_dir`` (prepared by ``pre``) with ``model_set``: how many,
+    and the flagged ones as :func:`flag_collector` keeps them."""
+    flagged: list[Assessed] = []
+    cases = load_prepared(sources_for(data_dir, [model_set.view], where), pre)
+    return len(assess_prepared(model_set, cases, cfg, flag_collector(flagged))), flagged
 
 
 @dataclass(frozen=True)

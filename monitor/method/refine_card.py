@@ -39,7 +39,7 @@ from qcloop.monitor.core.config import QcloopConfig
 from qcloop.monitor.core.resolve import build_refiner
 from qcloop.monitor.core.serialise import jsonable
 from qcloop.monitor.core.slices import FlaggedSet, SliceSet
-from qcloop.monitor.method.assess import Assessed, assess_prepared, flag_collector, make_assessor
+from qcloop.monitor.method.assess import Assessed, make_assessor
 from qcloop.monitor.method.calibrate import CARD_FILE, file_sha256
 from qcloop.monitor.method.cases import (
     load_prepared,
@@ -48,7 +48,7 @@ from qcloop.monitor.method.cases import (
     split_labelled,
 )
 from qcloop.monitor.method.external import CardPredictor
-from qcloop.monitor.method.refine import count_still_ood
+from qcloop.monitor.method.refine import assess_window, count_still_ood
 from qcloop.monitor.method.run_folder import RunError, load_model_set
 
 log = logging.getLogger(__name__)
@@ -195,12 +195,8 @@ def refine_card_view(
     problem = card_refinement_problem(predictor)
     if problem:
         raise RunError(f"{run}: cannot refine {view}: {problem}")
-    if assessed is None:
-        flagged_items: list[Assessed] = []
-        cases = load_prepared(sources_for(data_dir, [view], where), make_preprocessor(cfg))
-        n_cases = len(assess_prepared(model_set, cases, cfg, flag_collector(flagged_items)))
-    else:
-        n_cases, flagged_items = assessed
+    qc_pre = make_preprocessor(cfg)
+    n_cases, flagged_items = assessed or assess_window(model_set, cfg, data_dir, qc_pre, where)
     card_cases = [
         predictor.preprocessor.prepare_image(a.item.case.image, a.item.case.spacing)
         for a in flagged_items
@@ -211,7 +207,6 @@ def refine_card_view(
     )
     labelled = _labelled_slices(labelled_dir, view, predictor, cfg)
     assessor = make_assessor(model_set, cfg)
-    qc_pre = make_preprocessor(cfg)
     grid_qc = CardGridQC(
         assessor.reconstruct,
         float(predictor.card.input.spacing_mm),

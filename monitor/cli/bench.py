@@ -6,6 +6,7 @@ The core's benchmark is ``metrics``; plugins add theirs to this group from their
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import click
@@ -65,6 +66,40 @@ def metrics(repeats: int, seed: int, torch_threads: int | None, as_json: bool) -
         click.echo(json.dumps(figures, indent=2))
         return
     click.echo(_metrics_table(figures))
+
+
+@bench.command("inbox")
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--data", required=True, type=click.Path(exists=True, file_okay=False),
+    help="Dataset folder lending the good SA cases.",
+)  # fmt: skip
+@click.option("--cases", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option(
+    "--bomb-mib", type=click.IntRange(min=1), default=2048, show_default=True,
+    help="MiB of zeros behind the plausible header of the second gzip bomb.",
+)  # fmt: skip
+def inbox(run_dir: str, data: str, cases: int, bomb_mib: int) -> None:
+    """Peak RSS and time of one monitor pass: good cases alone, then among hostile files."""
+    from pathlib import Path
+
+    from qcloop.monitor.benchmarks.inbox import run_inbox_benchmark
+
+    figures = run_inbox_benchmark(Path(run_dir), Path(data), cases=cases, bomb_mib=bomb_mib)
+    size = figures["hostile_inbox_bytes"] / 2**20
+    click.echo(
+        f"inbox benchmark: {figures['cases']} good SA case(s); hostile inbox "
+        f"{size:.1f} MiB on disk, deep bomb inflating to {figures['bomb_mib']} MiB; "
+        f"cpus={os.cpu_count()}"
+    )
+    click.echo(f"{'pass':<10}{'peak RSS MiB':>14}{'seconds':>10}{'scored':>8}{'rejected':>10}")
+    for name in ("good", "hostile"):
+        f = figures[name]
+        click.echo(
+            f"{name:<10}{f['peak_rss_mib']:>14.0f}{f['seconds']:>10.1f}{f['case']:>8}"
+            f"{f['rejected']:>10}"
+        )
+    click.echo("hostile files: " + ", ".join(figures["hostile_files"]))
 
 
 def _metrics_table(figures: dict[str, Any]) -> str:

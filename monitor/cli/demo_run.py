@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -197,6 +198,8 @@ def _run_demo(
     with _stage(timings, "assess"):
         base = evaluate_run(out / "run", data, cfg, flagged)
     with _stage(timings, "refine"):
+        if (out / "run-refined").exists():  # a previous demo's: made again from this run
+            shutil.rmtree(out / "run-refined")
         refine_run(
             data,
             out / "run",

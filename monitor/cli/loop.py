@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -201,8 +202,21 @@ def assess(
 
     runs, info = _models(run_dir, model_spec, tracking_uri)
     _refuse_qc_only(run_dir)
-    summary = assess_run(data_dir, runs, out_dir, views=_views(view), model_info=info)
+    with _clear_errors():
+        summary = assess_run(data_dir, runs, out_dir, views=_views(view), model_info=info)
     _print_summary(summary, out_dir)
+
+
+@contextlib.contextmanager
+def _clear_errors() -> Iterator[None]:
+    """A run folder or a dataset that cannot be used: its message, without a traceback."""
+    from qcloop.monitor.data import CaseError
+    from qcloop.monitor.method.run_folder import RunError
+
+    try:
+        yield
+    except (RunError, CaseError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _assess_predictions(
@@ -273,9 +287,10 @@ def predict(
 
     runs, info = _models(run_dir, model_spec, tracking_uri)
     _refuse_qc_only(run_dir)
-    summary = assess_run(
-        data_dir, runs, out_dir, write_masks=True, views=_views(view), model_info=info
-    )
+    with _clear_errors():
+        summary = assess_run(
+            data_dir, runs, out_dir, write_masks=True, views=_views(view), model_info=info
+        )
     _print_summary(summary, out_dir)
     click.echo(f"masks: {out_dir / 'masks'}")
 

@@ -16,6 +16,7 @@ from qcloop.monitor.core.config import QcloopConfig, load_config
 if TYPE_CHECKING:  # pragma: no cover
     from qcloop.monitor.core.interfaces import ModelRef, ModelRegistry
     from qcloop.monitor.ops.monitor import Monitor
+    from qcloop.monitor.ops.out_lock import OutFolderBusy
 
 log = logging.getLogger(__name__)
 
@@ -151,19 +152,22 @@ def monitor(
     refinement = None
     if file_cfg is not None and "refinement" in file_cfg.model_fields_set:
         refinement = file_cfg.refinement
-    mon = Monitor(
-        inbox,
-        out_dir,
-        cfg,
-        champions,
-        registry=registry,
-        follow=follow,
-        runtime=runtime,
-        refinement=refinement,
-        settle_s=settle_s,
-        cooldown_s=cooldown_s,
-        reload_poll_s=cfg.serving.reload_poll_s,
-    )
+    try:
+        mon = Monitor(
+            inbox,
+            out_dir,
+            cfg,
+            champions,
+            registry=registry,
+            follow=follow,
+            runtime=runtime,
+            refinement=refinement,
+            settle_s=settle_s,
+            cooldown_s=cooldown_s,
+            reload_poll_s=cfg.serving.reload_poll_s,
+        )
+    except OutFolderBusy as exc:
+        raise click.ClickException(str(exc)) from None
     try:
         _serve(mon, inbox, out_dir, webhook_port, poll_s, once)
     finally:

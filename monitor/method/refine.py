@@ -31,6 +31,7 @@ from qcloop.monitor.method.cases import (
     split_labelled,
 )
 from qcloop.monitor.method.external import load_card_model
+from qcloop.monitor.method.qc_train import staged_folder
 from qcloop.monitor.method.run_folder import (
     RunError,
     load_model_set,
@@ -82,7 +83,6 @@ def refine_run(
     views = [v for v in (views or run_views(run))]
     card_run = refuse_card_runs(run, parent, views)
     labelled_dir = labelled_dir or default_labelled(parent)
-    copy_run_skeleton(run, out, views)
     info: dict[str, Any] = {
         "qcloop_version": __version__,
         "kind": "external" if card_run else "refined",
@@ -98,7 +98,9 @@ def refine_run(
         "qcloop.run_dir": str(out.resolve()),
         "qcloop.parent_run": str(run.resolve()),
     }
-    with tracker.start_run(f"refine {out.name}", tags=run_tags):
+    with staged_folder(out) as stage, tracker.start_run(f"refine {out.name}", tags=run_tags):
+        # written into ``stage``, renamed ``out`` when complete: never a half-refined run
+        copy_run_skeleton(run, stage, views)
         tracker.log_params(
             {
                 "data_window": info["refined_on"],
@@ -116,7 +118,7 @@ def refine_run(
                 info["views"][view] = result = refine_one(
                     view,
                     run,
-                    out,
+                    stage,
                     cfg,
                     data_dir,
                     labelled_dir,
@@ -126,8 +128,8 @@ def refine_run(
                 _log_refinement(tracker, result)
         if card_run:
             info.update({k: parent[k] for k in ("card", "qc_run") if k in parent})
-        atomic.write_json(out / "run.json", info)
-        log_file(tracker, out / "run.json")
+        atomic.write_json(stage / "run.json", info)
+        log_file(tracker, stage / "run.json")
     return info
 
 

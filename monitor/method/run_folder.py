@@ -87,9 +87,18 @@ def load_model_set(
     run: str | Path, view: str, config: QcloopConfig | None = None, *, fences: bool = True
 ) -> ModelSet:
     """Load the model set of ``view`` from run folder ``run`` (without its fences when
-    ``fences`` is false: training, which is about to calibrate new ones)."""
+    ``fences`` is false: training, which is about to calibrate new ones).
+
+    A model set that judges cases (``fences``) must come from a complete run: ``run.json`` is
+    written last, so a run whose training was killed between views is refused, never served
+    half-made."""
     run = Path(run)
     view_dir = run / view
+    if fences and (run / "config.yaml").exists() and not (run / "run.json").exists():
+        raise RunError(
+            f"{run}: incomplete run folder (no run.json): its training was interrupted; run "
+            "qcloop train with the same --out again to resume it"
+        )
     manifest = view_dir / "candidates.json"
     if not manifest.exists() and is_qc_only(run):
         raise qc_only_error(run)

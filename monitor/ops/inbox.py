@@ -23,6 +23,7 @@ __all__ = ["VIEWS", "InboxCase", "InboxWatcher", "read_identity", "sidecar_of"]
 
 VIEWS = ("SA", "LA")
 _VIEW_RX = re.compile(r"(?:^|[_.-])(SA|LA)(?=[_.-]|$)", re.IGNORECASE)
+_NOT_NIFTI = "not a NIfTI file (.nii or .nii.gz)"
 _PHASE_RX = re.compile(r"(?:^|[_.-])(ED|ES)(?=[_.-]|$)", re.IGNORECASE)
 
 
@@ -101,10 +102,12 @@ class InboxWatcher:
         self._clock = clock
         self._seen: dict[Path, tuple[int, int, float]] = {}
 
-    def scan(self) -> tuple[list[Path], list[Path]]:
-        """(ready NIfTI files oldest first, ready files that are neither NIfTI nor JSON)."""
+    def scan(self) -> tuple[list[Path], list[tuple[Path, str]]]:
+        """(ready NIfTI files oldest first, ready files to refuse with the reason: neither
+        NIfTI nor JSON, or unreadable entries such as a symlink loop)."""
         now = self._clock()
         present = {}
+        broken: list[tuple[Path, str]] = []
         try:
             entries = list(self.inbox.iterdir())
         except FileNotFoundError:
@@ -117,7 +120,10 @@ class InboxWatcher:
                 st = entry.stat()
             except FileNotFoundError:
                 continue
-            if not entry.is_file():
+            except OSError as exc:  # a symlink loop, a permission refused...
+                broken.append((entry, f"cannot read it ({exc.strerror or exc})"))
+                continue
+            if not entry.is_file():  # folders, pipes, sockets are not cases
                 continue
             key = (st.st_size, st.st_mtime_ns)
             prev = self._seen.get(entry)
@@ -127,8 +133,8 @@ class InboxWatcher:
         ready = [p for p, (_s, _m, since) in present.items() if now - since >= self.settle_s]
         ready.sort(key=lambda p: (present[p][1], p.name))
         cases = [p for p in ready if nifti_suffix(p.name)]
-        others = [p for p in ready if not nifti_suffix(p.name)]
-        return cases, others
+        others = [(p, _NOT_NIFTI) for p in ready if not nifti_suffix(p.name)]
+        return cases, broken + others
 
     def forget(self, path: Path) -> None:
         """Drop a file that was taken."""

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,8 @@ from qcloop.monitor.core import atomic
 from qcloop.monitor.core.atomic import sha256_file
 from qcloop.monitor.core.events import CaseFailed, CaseScored
 from qcloop.monitor.data import Case, CaseError, CaseSource
+from qcloop.monitor.data.nifti_header import HeaderLimits, HeaderProblem, inspect_header
+from qcloop.monitor.ops.crash_points import crash_point
 from qcloop.monitor.ops.files import free_name, move_file, nifti_suffix, stem_of
 from qcloop.monitor.ops.inbox import InboxCase, read_identity, sidecar_of
 from qcloop.monitor.ops.ledger import Ledger, utc_now
@@ -56,12 +59,18 @@ class Intake:
     """
 
     def __init__(
-        self, out: Path, ledger: Ledger, pm: QcloopPluginManager, service: str | None = None
+        self,
+        out: Path,
+        ledger: Ledger,
+        pm: QcloopPluginManager,
+        service: str | None = None,
+        limits: Callable[[str], HeaderLimits] | None = None,
     ) -> None:
         self.out = out
         self.ledger = ledger
         self.service = service
         self._pm = pm
+        self._limits = limits
 
     def take(self, path: Path, scorers: Mapping[str, OnlineScorer]) -> Taken:
         """Score ``path`` with the scorer of its view (the served views are ``scorers``'
@@ -72,29 +81,54 @@ class Intake:
             return Taken("vanished")
         if self.ledger.known(sha) is not None:
             return Taken(self._finish_known(path, sha))
+        unfinished = self.ledger.rejected.get(sha)
+        if unfinished is not None and not Path(unfinished["rejected"]).exists():
+            log.warning("%s: rejected before; finishing its move", shown_name(path))
+            target, sidecar = Path(unfinished["rejected"]), sidecar_of(path)
+            if sidecar is not None:
+                move_file(sidecar, target.with_name(f"{stem_of(target.name)}.json"))
+            move_file(path, target)
+            return Taken("recovered")
         try:
             ident = read_identity(path)
         except CaseError as exc:
-            return Taken(self.reject(path, sidecar_of(path), "read", exc.reason))
+            return Taken(self.reject(path, sidecar_of(path), "read", exc.reason, sha=sha))
         if ident.view not in scorers:
             served = ", ".join(sorted(scorers))
             reason = f"a {ident.view} case; this monitor serves {served}"
-            return Taken(self.reject(path, ident.sidecar, "read", reason))
+            return Taken(self.reject(path, ident.sidecar, "read", reason, sha=sha))
+        problem = self._header_problem(path, ident.view)
+        if problem is not None:
+            return Taken(self.reject(path, ident.sidecar, "read", problem, ident.view, sha=sha))
         from qcloop.monitor.data import load_case
 
         try:
             case = load_case(_source(ident))
         except CaseError as exc:
-            return Taken(self.reject(path, ident.sidecar, "read", exc.reason, ident.view))
+            return Taken(self.reject(path, ident.sidecar, "read", exc.reason, ident.view, sha=sha))
         try:
             result = scorers[ident.view].score(case)
         except CaseError as exc:
-            return Taken(self.reject(path, ident.sidecar, "score", exc.reason, ident.view))
+            return Taken(self.reject(path, ident.sidecar, "score", exc.reason, ident.view, sha=sha))
         except Exception as exc:  # a scoring failure must not stop the loop
             log.exception("%s: scoring failed", path)
             reason = f"scoring failed: {exc!r}"
-            return Taken(self.reject(path, ident.sidecar, "score", reason, ident.view))
+            return Taken(self.reject(path, ident.sidecar, "score", reason, ident.view, sha=sha))
         return Taken("scored", self._file_scored(ident, sha, case, result))
+
+    def _header_problem(self, path: Path, view: str) -> str | None:
+        """Why the file cannot be taken, judged from its first bytes against the limits of
+        its view (those of ``qcloop serve``), before any voxel is decompressed; else None."""
+        if self._limits is None:
+            return None
+        try:
+            with open(path, "rb") as fh:
+                inspect_header(fh, self._limits(view))
+        except HeaderProblem as exc:
+            return exc.reason
+        except OSError as exc:
+            return f"cannot read it ({exc.strerror or exc})"
+        return None
 
     def _file_scored(
         self, ident: InboxCase, sha: str, case: Case, result: CaseResult
@@ -115,7 +149,7 @@ class Intake:
         record.update(
             {
                 "image": str(self.out / processed),
-                "source_file": path.name,
+                "source_file": shown_name(path),
                 "case_id": case_id,
                 "seq": seq,
                 "sha256": sha,
@@ -125,6 +159,7 @@ class Intake:
             }
         )
         entry = self.ledger.add_case(record)
+        crash_point("intake.after_ledger")
         self._move_in(path, ident.sidecar, entry)
         self._pm.emit(CaseScored(record, service=self.service))
         log.info(
@@ -138,10 +173,14 @@ class Intake:
         return entry
 
     def _move_in(self, path: Path, sidecar: Path | None, entry: dict[str, Any]) -> None:
+        """Move a scored input and its sidecar in, the sidecar first: a crash in between
+        leaves the image in the inbox, which the ledger knows (its move is finished on restart),
+        and never a sidecar without its image (a later file of the same name would adopt it)."""
         target = self.out / entry["processed"]
-        move_file(path, target)
         if sidecar is not None and sidecar.exists():
             move_file(sidecar, target.with_name(f"{stem_of(target.name)}.source.json"))
+        crash_point("intake.between_moves")
+        move_file(path, target)
 
     def _finish_known(self, path: Path, sha: str) -> str:
         """An input whose content the ledger knows: finish its move, or set it aside."""
@@ -156,9 +195,9 @@ class Intake:
         log.warning(
             "%s: same content as %s (scored before); moved to %s", path, entry["case_id"], dup
         )
-        move_file(path, dup)
         if sidecar is not None:
             move_file(sidecar, dup.with_name(f"{stem_of(dup.name)}.json"))
+        move_file(path, dup)
         return "duplicate"
 
     def reject(
@@ -168,28 +207,39 @@ class Intake:
         stage: str,
         reason: str,
         view: str | None = None,
+        *,
+        sha: str | None = None,
     ) -> str:
         """Move an input that cannot be scored to ``rejected/`` with its reason; returns
-        ``"rejected"``."""
+        ``"rejected"``. The ledger event comes first (with the content hash ``sha`` when
+        known, so that a restart finishes an interrupted move), then the sidecar, then the
+        input."""
         target = free_name(self.out / "rejected", path.name, utc_now().replace(":", ""))
-        atomic.write_text(Path(f"{target}.reason.txt"), f"{path.name}: {reason}\n")
-        with contextlib.suppress(FileNotFoundError):
-            move_file(path, target)
+        atomic.write_text(Path(f"{target}.reason.txt"), f"{shown_name(path)}: {reason}\n")
+        event = {
+            "event": "rejected",
+            "source_file": shown_name(path),
+            "stage": stage,
+            "reason": reason,
+            "rejected": str(target),
+            "time": utc_now(),
+        }
+        self.ledger.append({**event, "sha256": sha} if sha else event)
+        crash_point("reject.after_ledger")
         if sidecar is not None and sidecar.exists():
             move_file(sidecar, target.with_name(f"{stem_of(target.name)}.json"))
-        self.ledger.append(
-            {
-                "event": "rejected",
-                "source_file": path.name,
-                "stage": stage,
-                "reason": reason,
-                "rejected": str(target),
-                "time": utc_now(),
-            }
-        )
-        self._pm.emit(CaseFailed(stage, reason, path.name, view, service=self.service))
-        log.warning("%s: rejected (%s): %s", path.name, stage, reason)
+        crash_point("reject.between_moves")
+        with contextlib.suppress(FileNotFoundError):
+            move_file(path, target)
+        self._pm.emit(CaseFailed(stage, reason, shown_name(path), view, service=self.service))
+        log.warning("%s: rejected (%s): %s", shown_name(path), stage, reason)
         return "rejected"
+
+
+def shown_name(path: Path) -> str:
+    """A file's name as text that can be written anywhere: bytes that are not UTF-8 (kept by
+    Python as surrogates) appear as ``\\xNN``."""
+    return os.fsencode(path.name).decode("utf-8", "backslashreplace")
 
 
 def _source(ident: InboxCase) -> CaseSource:

@@ -191,6 +191,7 @@ class Ledger:
 
     Attributes:
         done: ledger ``case`` entries by the input's content hash.
+        rejected: ledger ``rejected`` events by the input's content hash, where known.
         seq: the sequence number of the last scored case.
     """
 
@@ -198,6 +199,8 @@ class Ledger:
         self.records = JsonlLog(Path(out) / "records.jsonl")
         self.events = JsonlLog(Path(out) / "ledger.jsonl")
         self.done: dict[str, dict[str, Any]] = {}
+        #: ``rejected`` events by the input's content hash (to finish an interrupted move)
+        self.rejected: dict[str, dict[str, Any]] = {}
         self.seq = 0
         self._opened = self._recover()
 
@@ -207,6 +210,8 @@ class Ledger:
         for e in entries:
             if e.get("event") == "case":
                 self._remember(e)
+            elif e.get("event") == "rejected" and e.get("sha256"):
+                self.rejected[e["sha256"]] = e
         for rec in self.records.read():
             sha = rec.get("sha256")
             if sha and sha not in self.done:
@@ -227,7 +232,10 @@ class Ledger:
 
     def add_case(self, record: dict[str, Any]) -> dict[str, Any]:
         """Append a scored case's record, then its ledger entry; returns the entry."""
+        from qcloop.monitor.ops.crash_points import crash_point
+
         self.records.append(record)
+        crash_point("intake.after_record")
         entry = case_entry(record)
         self.events.append(entry)
         self._remember(entry)
@@ -236,6 +244,8 @@ class Ledger:
     def append(self, event: dict[str, Any]) -> None:
         """Append one ledger event (``rejected``, ``alert``, ``window_reset``, ...)."""
         self.events.append(event)
+        if event.get("event") == "rejected" and event.get("sha256"):
+            self.rejected[event["sha256"]] = event
 
     def history(self, view: str, model_version: str) -> ViewHistory:
         """What the ledger held for ``view`` when it was opened, for a model of

@@ -39,6 +39,7 @@ hash is in the ledger is moved where the ledger says (or, if that is taken, to
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -55,11 +56,13 @@ from qcloop.monitor.core.events import (
 )
 from qcloop.monitor.core.interfaces import ModelRef, ModelRegistry
 from qcloop.monitor.core.plugin_manager import apply_plugin_settings
+from qcloop.monitor.data.nifti_header import HeaderLimits
 from qcloop.monitor.ops.alerts import AlertPolicy
 from qcloop.monitor.ops.drift import DriftLimits
-from qcloop.monitor.ops.inbox import InboxWatcher
-from qcloop.monitor.ops.intake import Intake
+from qcloop.monitor.ops.inbox import InboxWatcher, sidecar_of
+from qcloop.monitor.ops.intake import Intake, shown_name
 from qcloop.monitor.ops.ledger import Ledger, WindowCase, utc_now
+from qcloop.monitor.ops.out_lock import OutLock
 from qcloop.monitor.ops.reference import cached_reference_median
 from qcloop.monitor.ops.refinement_job import GateFn, RefineFn, RefinementJob
 from qcloop.monitor.ops.windows import ViewWindows
@@ -120,6 +123,7 @@ class Monitor:
         pm: the plugin manager events go through (default the process-wide one); the
             configuration's ``plugins.block`` list is applied to it.
         clock: wall clock in seconds (injectable for tests).
+        disk_pause_s: how long intake pauses when the disk is full (files stay in the inbox).
     """
 
     def __init__(
@@ -140,6 +144,7 @@ class Monitor:
         gate_fn: GateFn | None = None,
         pm: QcloopPluginManager | None = None,
         clock: Callable[[], float] = time.time,
+        disk_pause_s: float = 30.0,
     ) -> None:
         if not champions:
             raise ValueError("the monitor needs at least one champion model")
@@ -157,16 +162,21 @@ class Monitor:
         self._stop = threading.Event()
         self._last_reload = clock()
         self._scorers: dict[tuple[str, str, str], OnlineScorer] = {}
+        self.disk_pause_s = float(disk_pause_s)
+        self._paused_until = float("-inf")
+        #: inbox files that could not even be moved aside (skipped until a restart)
+        self._stuck: set[Path] = set()
         self.views: dict[str, ServedView] = {}
         self.inbox.mkdir(parents=True, exist_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
+        self._out_lock: OutLock | None = OutLock(self.out)  # OutFolderBusy: another monitor
         self.watcher = InboxWatcher(self.inbox, settle_s)
         self.service = ServiceInfo(kind="monitor", config=cfg, out=self.out)
         self._started = True
         pm.service_started(self.service)
         try:
             self.ledger = Ledger(self.out)
-            self.intake = Intake(self.out, self.ledger, pm, self.service.id)
+            self.intake = Intake(self.out, self.ledger, pm, self.service.id, self._limits)
             self.windows = ViewWindows(cfg.monitoring.window, pm=pm, service=self.service.id)
             self.alerts = AlertPolicy(
                 DriftLimits.from_config(cfg.monitoring),
@@ -302,6 +312,18 @@ class Monitor:
                 )
             )
 
+    def _limits(self, view: str) -> HeaderLimits:
+        """What an inbox file of ``view`` may be (``qcloop serve``'s limits, the model's
+        spacing), judged from its header before it is loaded."""
+        with self._lock:
+            scorer = self.views[view].scorer
+        preprocessor = getattr(scorer, "preprocessor", None)
+        return HeaderLimits(
+            max_inplane=self.cfg.serving.max_inplane,
+            max_slices=self.cfg.serving.max_slices,
+            target_spacing_mm=getattr(preprocessor, "target_spacing", None),
+        )
+
     def _version(self, view: str) -> str:
         with self._lock:
             return str(self.views[view].champion.version)
@@ -330,24 +352,32 @@ class Monitor:
 
     def step(self) -> int:
         """Process every ready inbox file (refining between cases when an alert is pending);
-        returns how many were taken."""
+        returns how many were taken. Nothing is taken while intake is paused (a full disk)."""
+        if self._clock() < self._paused_until:
+            return 0
         cases, others = self.watcher.scan()
-        for path in others:
+        others = [(p, why) for p, why in others if p not in self._stuck]
+        for path, reason in others:
             self.watcher.forget(path)
-            self.intake.reject(path, None, "read", "not a NIfTI file (.nii or .nii.gz)")
-        for path in cases:
-            if self._stop.is_set():
+            self._barrier(path, lambda p=path, r=reason: self.intake.reject(p, None, "read", r))
+        taken = 0
+        for path in [p for p in cases if p not in self._stuck]:
+            if self._stop.is_set() or self._clock() < self._paused_until:
                 break
             self.watcher.forget(path)
             self.process_file(path)
+            taken += 1
             self.run_pending()
-        return len(cases) + len(others)
+        return taken + len(others)
 
     def close(self) -> None:
         """Stop the service: plugins release what they opened for it (its ``/metrics``)."""
         if self._started:
             self._started = False
             self.pm.service_stopped(self.service)
+        if self._out_lock is not None:
+            self._out_lock.release()
+            self._out_lock = None
 
     def __enter__(self) -> Monitor:
         return self
@@ -359,13 +389,48 @@ class Monitor:
 
     def process_file(self, path: Path) -> str:
         """Score one inbox file; returns ``"scored"``, ``"rejected"``, ``"recovered"``,
-        ``"duplicate"`` or ``"vanished"``."""
+        ``"duplicate"``, ``"vanished"``, ``"paused"`` (the disk is full: the file stays in the
+        inbox) or ``"stuck"`` (it cannot even be moved aside: skipped from now on)."""
         with self._lock:
             scorers = {view: served.scorer for view, served in self.views.items()}
-        taken = self.intake.take(path, scorers)
-        if taken.entry is not None:
-            self._after_case(taken.entry)
-        return taken.outcome
+
+        def take() -> str:
+            taken = self.intake.take(path, scorers)
+            if taken.entry is not None:
+                self._after_case(taken.entry)
+            return taken.outcome
+
+        return self._barrier(path, take)
+
+    def _barrier(self, path: Path, work: Callable[[], str]) -> str:
+        """Run the ``work`` on one inbox file so that nothing it raises stops the monitor: a
+        full disk pauses intake (the file stays); any other failure rejects the file with its
+        reason; a file that cannot even be moved aside is remembered and skipped."""
+        try:
+            return work()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                return self._reject_after_failure(path, exc)
+            self._paused_until = self._clock() + self.disk_pause_s
+            log.error(
+                "%s: disk full (%s); intake paused for %.0f s, the file stays in the inbox",
+                shown_name(path), exc, self.disk_pause_s,
+            )  # fmt: skip
+            return "paused"
+        except Exception as exc:
+            return self._reject_after_failure(path, exc)
+
+    def _reject_after_failure(self, path: Path, exc: BaseException) -> str:
+        """Reject a file whose processing raised ``exc`` (stage ``internal``); remember it when
+        even that fails."""
+        log.exception("%s: processing failed", shown_name(path))
+        reason = f"processing failed: {type(exc).__name__}: {exc}"
+        try:
+            return self.intake.reject(path, sidecar_of(path), "internal", reason)
+        except Exception:
+            log.exception("%s: cannot be moved aside either; skipped from now on", shown_name(path))
+            self._stuck.add(path)
+            return "stuck"
 
     def _after_case(self, entry: dict[str, Any]) -> None:
         """A scored case enters its view's window; the drift policy judges the window."""

@@ -1,0 +1,234 @@
+"""`qcloop monitor` against what an operator's scanner share can put in its inbox: every file
+here is real, on disk, among good cases. The monitor must stay up, score the good cases, and
+reject each bad one with its reason (``rejected/``, a ledger entry, ``CaseFailed``); a full disk
+pauses intake without rejecting anything."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import zlib
+from pathlib import Path
+
+import pytest
+
+from qcloop.monitor.benchmarks.inbox import gzip_bomb
+from qcloop.monitor.ops.ledger import JsonlLog
+from qcloop.monitor.ops.monitor import Monitor
+from tests.monitor_support import champions_of, feed_inbox, monitor_cfg, read_records
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _ledger_rejections(out: Path) -> dict[str, dict]:
+    return {
+        e["source_file"]: e
+        for e in JsonlLog(out / "ledger.jsonl").read()
+        if e["event"] == "rejected"
+    }
+
+
+def test_hostile_files_are_rejected_and_the_good_ones_scored(
+    run_copy: Path, tiny_cohort: Path, tmp_path: Path
+) -> None:
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    good = feed_inbox(inbox, tiny_cohort, "SA", {"A", "B"}, 3)
+    # a header declaring 30000 x 30000 voxels (1.7 GiB): refused from its first bytes
+    gzip_bomb(inbox / "bomb_SA_ED.nii.gz", (30000, 30000, 1), 64)
+    # a plausible header over 2 GiB of zeros: only the declared voxels are ever inflated
+    gzip_bomb(inbox / "deep_SA_ED.nii.gz", (96, 96, 4), 2048)
+    os.symlink("loop_SA_ED.nii.gz", inbox / "loop_SA_ED.nii.gz")  # ELOOP on every open
+    (other,) = feed_inbox(tmp_path / "other", tiny_cohort, "SA", {"C"}, 1)
+    shutil.move(other, inbox / os.fsdecode(b"scan_\xff\xfe_SA_ED.nii.gz"))  # not UTF-8
+    (inbox / "cut_SA_ED.nii.gz").write_bytes(good[1].read_bytes()[:2000])  # truncated
+    (inbox / "notes_SA.txt").write_text("not an image")
+    os.mkfifo(inbox / "pipe_SA_ED.nii.gz")  # never opened: not a regular file
+
+    mon = Monitor(inbox, out, monitor_cfg(run_copy), champions_of(run_copy, ("SA",)), settle_s=0)
+    try:
+        mon.step()
+    finally:
+        mon.close()
+    records = read_records(out)
+    scored = {r["source_file"] for r in records}
+    assert {p.name for p in good} <= scored
+    assert "scan_\\xff\\xfe_SA_ED.nii.gz" in scored  # its name, readably, in the record
+    rejected = _ledger_rejections(out)
+    assert "exceeds the limit" in rejected["bomb_SA_ED.nii.gz"]["reason"]
+    assert "cannot read it" in rejected["loop_SA_ED.nii.gz"]["reason"]
+    assert rejected["cut_SA_ED.nii.gz"]["stage"] == "read"
+    assert "not a NIfTI file" in rejected["notes_SA.txt"]["reason"]
+    assert "deep_SA_ED.nii.gz" in rejected or "deep_SA_ED.nii.gz" in scored
+    assert sorted(p.name for p in inbox.iterdir()) == ["pipe_SA_ED.nii.gz"]
+    for name in ("bomb_SA_ED.nii.gz", "loop_SA_ED.nii.gz", "cut_SA_ED.nii.gz"):
+        assert (out / "rejected" / f"{name}.reason.txt").read_text().startswith(name)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
+def test_an_unreadable_file_is_rejected(run_copy: Path, tiny_cohort: Path, tmp_path: Path) -> None:
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    (good,) = feed_inbox(inbox, tiny_cohort, "SA", {"A"}, 1)
+    locked = inbox / "locked_SA_ED.nii.gz"
+    shutil.copy2(good, locked)
+    locked.chmod(0)
+    mon = Monitor(inbox, out, monitor_cfg(run_copy), champions_of(run_copy, ("SA",)), settle_s=0)
+    try:
+        mon.step()
+    finally:
+        mon.close()
+    assert "locked_SA_ED.nii.gz" in _ledger_rejections(out)
+    assert good.name in {r["source_file"] for r in read_records(out)}
+
+
+def test_a_full_disk_pauses_intake_and_rejects_nothing(
+    run_copy: Path, tiny_cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import qcloop.monitor.data as data
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    fed = feed_inbox(inbox, tiny_cohort, "SA", {"A"}, 2)
+    real_save, calls = data.save_label_map, []
+
+    def disk_full_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(data, "save_label_map", disk_full_once)
+    now = [1000.0]
+    mon = Monitor(
+        inbox, out, monitor_cfg(run_copy), champions_of(run_copy, ("SA",)), settle_s=0,
+        clock=lambda: now[0], disk_pause_s=30,
+    )  # fmt: skip
+    try:
+        mon.step()
+        assert sorted(p.name for p in inbox.iterdir()) == sorted(p.name for p in fed)
+        assert read_records(out) == [] and not (out / "rejected").exists()
+        now[0] += 10
+        assert mon.step() == 0  # still paused
+        now[0] += 30
+        mon.step()
+    finally:
+        mon.close()
+    assert sorted(r["source_file"] for r in read_records(out)) == sorted(p.name for p in fed)
+    assert not list(inbox.iterdir())
+
+
+def test_an_unexpected_failure_rejects_that_file_only(
+    run_copy: Path, tiny_cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qcloop.monitor.ops.intake import Intake
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    fed = feed_inbox(inbox, tiny_cohort, "SA", {"A"}, 3)
+    real = Intake._file_scored
+
+    def fails_on_second(self, ident, *args):
+        if ident.path.name == fed[1].name:
+            raise KeyError("a bug in a code path nobody tested")
+        return real(self, ident, *args)
+
+    monkeypatch.setattr(Intake, "_file_scored", fails_on_second)
+    mon = Monitor(inbox, out, monitor_cfg(run_copy), champions_of(run_copy, ("SA",)), settle_s=0)
+    try:
+        mon.step()
+    finally:
+        mon.close()
+    assert {r["source_file"] for r in read_records(out)} == {fed[0].name, fed[2].name}
+    event = _ledger_rejections(out)[fed[1].name]
+    assert event["stage"] == "internal" and "KeyError" in event["reason"]
+
+
+def test_a_file_that_cannot_be_moved_aside_is_skipped(
+    run_copy: Path, tiny_cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qcloop.monitor.ops.intake import Intake
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    fed = feed_inbox(inbox, tiny_cohort, "SA", {"A"}, 2)
+    stuck = fed[0].name
+
+    def broken_take(self, path, scorers):
+        if path.name == stuck:
+            raise RuntimeError("cannot score")
+        return real_take(self, path, scorers)
+
+    def broken_reject(self, path, *args, **kwargs):
+        if path.name == stuck:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_reject(self, path, *args, **kwargs)
+
+    real_take, real_reject = Intake.take, Intake.reject
+    monkeypatch.setattr(Intake, "take", broken_take)
+    monkeypatch.setattr(Intake, "reject", broken_reject)
+    mon = Monitor(inbox, out, monitor_cfg(run_copy), champions_of(run_copy, ("SA",)), settle_s=0)
+    try:
+        assert mon.process_file(fed[0]) == "stuck"
+        assert mon.step() == 1  # the other file only: the stuck one is not retried
+    finally:
+        mon.close()
+    assert {r["source_file"] for r in read_records(out)} == {fed[1].name}
+    assert (inbox / stuck).exists()
+
+
+def test_the_bomb_file_is_small_and_inflates_as_declared(tmp_path: Path) -> None:
+    """The test's bomb is what it claims: about 2 KiB per MiB, a valid gzip stream."""
+    path = gzip_bomb(tmp_path / "b.nii.gz", (96, 96, 4), 8)
+    assert path.stat().st_size < 8 * 4096
+    inflated = zlib.decompressobj(wbits=31)
+    total, data = 0, path.read_bytes()
+    while data:
+        total += len(inflated.decompress(data))
+        data = inflated.unused_data
+        if data:
+            inflated = zlib.decompressobj(wbits=31)
+    assert total == 352 + 8 * (1 << 20)
+
+
+def test_the_inbox_benchmark_counts_what_each_pass_did(tiny_run: Path, tiny_cohort: Path) -> None:
+    from qcloop.monitor.benchmarks.inbox import run_inbox_benchmark
+
+    figures = run_inbox_benchmark(tiny_run, tiny_cohort, cases=2, bomb_mib=16)
+    assert figures["good"]["case"] == 2 and figures["good"]["rejected"] == 0
+    hostile = figures["hostile"]
+    assert hostile["case"] + hostile["rejected"] == 2 + len(figures["hostile_files"])
+    assert hostile["rejected"] >= 5  # the deep bomb's plausible header may be scored
+    assert all(f["peak_rss_mib"] > 0 for f in (figures["good"], hostile))
+
+
+def test_one_monitor_per_output_folder(run_copy: Path, tmp_path: Path) -> None:
+    """A second monitor on the same OUT is refused, in this process or another, naming the
+    first one's process; the folder is free again once the first closes or is killed."""
+    import signal
+    import subprocess
+    import sys
+
+    from qcloop.monitor.ops.out_lock import OutFolderBusy, OutLock
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    cfg, champs = monitor_cfg(run_copy), champions_of(run_copy, ("SA",))
+    first = Monitor(inbox, out, cfg, champs, settle_s=0)
+    try:
+        with pytest.raises(OutFolderBusy, match=f"pid {os.getpid()}"):
+            Monitor(tmp_path / "inbox2", out, cfg, champs, settle_s=0)
+        probe = "import sys; from pathlib import Path; from qcloop.monitor.ops.out_lock import "
+        probe += "OutLock; OutLock(Path(sys.argv[1]))"
+        done = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True)
+        assert done.returncode == 1 and b"in use by another qcloop monitor" in done.stderr
+    finally:
+        first.close()
+    Monitor(inbox, out, cfg, champs, settle_s=0).close()  # free again
+
+    hold = "import sys, time; from pathlib import Path; from qcloop.monitor.ops.out_lock import "
+    hold += "OutLock; lock = OutLock(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        with pytest.raises(OutFolderBusy, match=f"pid {holder.pid}"):
+            OutLock(out)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    OutLock(out).release()  # the kernel dropped the dead holder's lock

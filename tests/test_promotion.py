@@ -258,6 +258,12 @@ def test_lifecycle_and_models_commands_through_a_second_backend(
         registry, run, {"SA": champions["SA"]}, cfg, window_dir=tmp_path, tags={"t": "x"}
     )
     assert result == {"SA": {"name": "mem-SA", "version": "2", "gate": None, "promoted": False}}
+    # the same folder again (a restart after registering, before the monitor's ledger knew):
+    # the version registered from it is found, not registered a second time
+    again = promotion.register_and_gate(
+        registry, run, {"SA": champions["SA"]}, cfg, window_dir=tmp_path, tags={"t": "x"}
+    )
+    assert again == result and memory.registered[-1] == ("mem-SA", "2")
     assert registry.alias_versions("mem-SA@challenger") == {"SA": "2"}
     assert registry.get_version("mem-SA", "2")["tags"][promotion.TAG_PARENT_VERSION] == "1"
     assert memory.registered[-1] == ("mem-SA", "2") and len(memory.promoted) == 2

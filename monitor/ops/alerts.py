@@ -176,8 +176,9 @@ class AlertPolicy:
         model: dict[str, str],
     ) -> str:
         """Handle a firing alert from Alertmanager for a served ``view``; returns the outcome:
-        ``queued``, ``coalesced`` (a refinement is pending), ``cooldown`` or ``logged`` (when
-        alerts do not refine)."""
+        ``queued``, ``coalesced`` (a refinement is pending), ``cooldown``, ``too few cases`` /
+        ``no new evidence`` (see :meth:`_too_little_evidence`) or ``logged`` (when alerts do not
+        refine)."""
         with self._lock:
             state = self.states[view]
             if state.pending is not None:
@@ -187,6 +188,9 @@ class AlertPolicy:
                 and self._clock() - state.last_alert_time < self.cooldown_s
             ):
                 return "cooldown"
+            evidence = self._too_little_evidence(state, stats)
+            if evidence is not None:
+                return evidence
             alert = {
                 "view": view,
                 "source": SOURCE_ALERTMANAGER,
@@ -199,6 +203,20 @@ class AlertPolicy:
             }
             self._raise(view, alert)
         return "queued" if self.refine_on_alert else "logged (refine_on_alert is off)"
+
+    def _too_little_evidence(self, state: AlertState, stats: WindowStats) -> str | None:
+        """Why an Alertmanager alert cannot refine now (a window smaller than ``min_cases``,
+        or fewer than ``min_cases`` new cases since the last alert: an Alertmanager repeat of an
+        alert already acted on), else None."""
+        n = self.limits.min_cases
+        if stats.n < n:
+            return f"too few cases: the window holds {stats.n} of monitoring.min_cases {n}"
+        if state.last_alert_time is not None and state.cases_since_alert < n:
+            return (
+                f"no new evidence: {state.cases_since_alert} case(s) since the last alert, "
+                f"monitoring.min_cases is {n}"
+            )
+        return None
 
     def _may_alert(self, state: AlertState) -> bool:
         if state.pending is not None:

@@ -64,8 +64,13 @@ def free_name(folder: Path, name: str, tag: str) -> Path:
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
-    """A hard link of ``src`` at ``dst`` (a copy where links are not possible)."""
+    """A hard link of ``src`` at ``dst`` (a copy where links are not possible); a ``dst``
+    left by an earlier attempt is kept when it is ``src`` already, else replaced."""
     dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        if os.path.samefile(src, dst):
+            return
+        dst.unlink()
     try:
         os.link(src, dst)
     except OSError:

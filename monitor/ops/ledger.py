@@ -201,6 +201,8 @@ class Ledger:
         self.done: dict[str, dict[str, Any]] = {}
         #: ``rejected`` events by the input's content hash (to finish an interrupted move)
         self.rejected: dict[str, dict[str, Any]] = {}
+        #: the last ``refinement`` event of each window id (a window is refined once)
+        self.refined_windows: dict[str, dict[str, Any]] = {}
         self.seq = 0
         self._opened = self._recover()
 
@@ -210,8 +212,8 @@ class Ledger:
         for e in entries:
             if e.get("event") == "case":
                 self._remember(e)
-            elif e.get("event") == "rejected" and e.get("sha256"):
-                self.rejected[e["sha256"]] = e
+            else:
+                self._index(e)
         for rec in self.records.read():
             sha = rec.get("sha256")
             if sha and sha not in self.done:
@@ -244,8 +246,16 @@ class Ledger:
     def append(self, event: dict[str, Any]) -> None:
         """Append one ledger event (``rejected``, ``alert``, ``window_reset``, ...)."""
         self.events.append(event)
-        if event.get("event") == "rejected" and event.get("sha256"):
+        self._index(event)
+
+    def _index(self, event: dict[str, Any]) -> None:
+        """Keep what later decisions look events up by: rejections by content hash, finished
+        refinements by window id."""
+        kind = event.get("event")
+        if kind == "rejected" and event.get("sha256"):
             self.rejected[event["sha256"]] = event
+        elif kind == "refinement" and event.get("window_id"):
+            self.refined_windows[event["window_id"]] = event
 
     def history(self, view: str, model_version: str) -> ViewHistory:
         """What the ledger held for ``view`` when it was opened, for a model of

@@ -252,16 +252,23 @@ def register_and_gate(
         raise RegistryError(
             f"{run}: no view in common with the champions ({', '.join(sorted(champions)) or 'none'})"
         )
-    view_tags = {v: {TAG_PARENT_VERSION: champions[v].version} for v in views}
-    refs = register(
-        registry,
-        run,
-        name_prefix=reg.name_prefix,
-        views=views,
-        tags=tags,
-        view_tags=view_tags,
-        alias=CHALLENGER,
-    )
+    # a version registered from this very folder before a crash is gated, not registered again
+    refs = {v: r for v, r in registry.find(run, name_prefix=reg.name_prefix).items() if v in views}
+    for view, ref in refs.items():
+        log.warning("%s: %s was registered before as version %s; gating it", view, run, ref.version)
+    new = [v for v in views if v not in refs]
+    if new:
+        refs.update(
+            register(
+                registry,
+                run,
+                name_prefix=reg.name_prefix,
+                views=new,
+                tags=tags,
+                view_tags={v: {TAG_PARENT_VERSION: champions[v].version} for v in new},
+                alias=CHALLENGER,
+            )
+        )
     out: dict[str, dict[str, Any]] = {}
     for view in views:
         ref = refs[view]

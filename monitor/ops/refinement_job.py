@@ -18,7 +18,6 @@ A failure anywhere is recorded as ``refinement_failed`` and the champion keeps s
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import io
 import json
 import logging
@@ -57,6 +56,15 @@ def refine_window(
     from qcloop.monitor.method.refine import refine_run
 
     return refine_run(window_dir, run_dir, out_run, cfg, views=[view])
+
+
+def window_key(view: str, champion: ModelRef, cases: list[WindowCase]) -> str:
+    """The identity of a refinement: the view, the model refined and the window's first and
+    last case. A repeated alert, or a restart, finds the same key, and so the refinement (and
+    the version registered from it) already made."""
+    seqs = [c.seq for c in cases]
+    model = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(champion.version))
+    return f"{view}-v{model}-{min(seqs):06d}-{max(seqs):06d}"
 
 
 def jsonable(obj: Any) -> Any:
@@ -144,8 +152,6 @@ class RefinementJob:
         """Refine ``champion`` on the window ``cases`` that ``alert`` flagged; ``on_promoted``
         switches the view when the gate promoted the result. Returns the ledger event
         (``None`` when the window was empty and nothing ran)."""
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        window_id = f"{stamp}-{view}-{self.ledger.seq:06d}"
         if not cases:
             self.ledger.append(
                 {
@@ -157,6 +163,19 @@ class RefinementJob:
             )
             log.warning("%s: refinement skipped: the window is empty", view)
             return None
+        window_id = window_key(view, champion, cases)
+        done = self.ledger.refined_windows.get(window_id)
+        if done is not None:  # a repeated alert, or one queued again by a restart
+            event = {
+                "event": "refinement_skipped",
+                "view": view,
+                "window_id": window_id,
+                "reason": f"window already refined ({done.get('refined_run')}, {done.get('time')})",
+                "time": utc_now(),
+            }
+            self.ledger.append(event)
+            log.warning("%s: window %s was refined before; not again", view, window_id)
+            return event
         try:
             event = self._refine(view, window_id, alert, cases, champion)
             if self.registry is not None:
@@ -199,7 +218,11 @@ class RefinementJob:
             n_ood,
         )
         t0 = time.perf_counter()
-        info = self._refine_fn(window_dir, Path(champion.run_dir), out_run, view, cfg)
+        if (out_run / "run.json").is_file():  # refined before a crash; staged, so complete
+            log.warning("%s: %s was refined before a restart; reusing it", view, out_run)
+            info = json.loads((out_run / "run.json").read_text())
+        else:
+            info = self._refine_fn(window_dir, Path(champion.run_dir), out_run, view, cfg)
         summary = dict((info.get("views") or {}).get(view) or {})
         summary.pop("history", None)
         summary["seconds"] = round(time.perf_counter() - t0, 3)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from qcloop.monitor.core.events import ModelVersionPromoted, ModelVersionRegistered
 from qcloop.monitor.core.interfaces import AliasMove, ModelRef, ModelRegistry
 from qcloop.monitor.ops.run_package import (
+    TAG_RUN_DIR,
     RegistryError,
     check_registration,
     check_run,
@@ -253,7 +254,10 @@ def register_and_gate(
             f"{run}: no view in common with the champions ({', '.join(sorted(champions)) or 'none'})"
         )
     # a version registered from this very folder before a crash is gated, not registered again
-    refs = {v: r for v, r in registry.find(run, name_prefix=reg.name_prefix).items() if v in views}
+    # (a copy elsewhere with the same files is another registration)
+    found = registry.find(run, name_prefix=reg.name_prefix)
+    here = str(run.resolve())
+    refs = {v: r for v, r in found.items() if v in views and r.tags.get(TAG_RUN_DIR) == here}
     for view, ref in refs.items():
         log.warning("%s: %s was registered before as version %s; gating it", view, run, ref.version)
     new = [v for v in views if v not in refs]

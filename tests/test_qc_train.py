@@ -128,6 +128,9 @@ def test_qc_train_trains_the_qc_module_that_train_does(tiny_cohort, tmp_path) ->
     assert ours["net"].keys() == theirs["net"].keys()
     assert all(torch.equal(v, theirs["net"][k]) for k, v in ours["net"].items())
     assert (run / "SA" / "pose.json").read_text() == (tiny_run / "SA" / "pose.json").read_text()
+    # training records the in-distribution flag rate (leave-one-out) the monitor tests against
+    reference = json.loads((tiny_run / "SA" / "fences.json").read_text())["reference"]
+    assert 0 <= reference["loo_flagged"] <= reference["loo_cases"] == reference["cases"]
     ours_h = json.loads((run / "SA" / "training" / "qc_history.json").read_text())
     theirs_h = json.loads((tiny_run / "SA" / "training" / "qc_history.json").read_text())
     assert [e.get("loss") for e in ours_h["epochs"]] == [e.get("loss") for e in theirs_h["epochs"]]

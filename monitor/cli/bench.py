@@ -102,6 +102,61 @@ def inbox(run_dir: str, data: str, cases: int, bomb_mib: int) -> None:
     click.echo("hostile files: " + ", ".join(figures["hostile_files"]))
 
 
+@bench.command("drift")
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--evaluations", required=True, type=click.Path(exists=True, dir_okay=False),
+    help="A demo's evaluations.jsonl (scored test cases with their OoD flags).",
+)  # fmt: skip
+@click.option("--reference-vendor", default="A", show_default=True)
+@click.option("--draws", type=click.IntRange(min=1000), default=100_000, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=10), default=500, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--alpha", type=click.FloatRange(0.0, 0.5, min_open=True, max_open=True), default=None,
+    help="alert_alpha of the binomial rule (default: the run's monitoring.alert_alpha).",
+)  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def drift(
+    run_dir: str, evaluations: str, reference_vendor: str, draws: int, repeats: int, seed: int,
+    alpha: float | None, as_json: bool,
+) -> None:  # fmt: skip
+    """False alarms per 1000 in-distribution cases and cases to alert on a shifted vendor,
+    for the fixed and the binomial drift rule."""
+    from pathlib import Path
+
+    from qcloop.monitor.benchmarks.drift import run_drift_benchmark
+
+    figures = run_drift_benchmark(
+        Path(run_dir), Path(evaluations), reference_vendor=reference_vendor, draws=draws,
+        repeats=repeats, seed=seed, alpha=alpha,
+    )  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(figures, indent=2))
+        return
+    click.echo(_drift_table(figures))
+
+
+def _drift_table(figures: dict[str, Any]) -> str:
+    """The drift benchmark figures as text."""
+    s = figures["settings"]
+    lines = [
+        f"drift benchmark: window {s['window']}, alert_alpha {s['alert_alpha']:g}, {s['draws']} "
+        f"in-distribution draws from vendor {s['reference_vendor']}, {s['repeats']} shifted "
+        "streams per vendor"
+    ]
+    for view, v in figures["views"].items():
+        lines.append(
+            f"{view}: vendor {s['reference_vendor']} test flag rate "
+            f"{v['in_distribution_flag_rate']:.3f} (pools {v['pool_sizes']}); reference flags "
+            f"(leave-one-out) {v['reference_flags']}; reference median {v['reference_median']}"
+        )
+        for rule in ("fixed", "binomial"):
+            for key, value in v[rule].items():
+                lines.append(f"  {rule:<9}{key:<44}{value}")
+    return "\n".join(lines)
+
+
 def _metrics_table(figures: dict[str, Any]) -> str:
     """The metrics benchmark figures as a small text table."""
     lines = [

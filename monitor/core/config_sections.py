@@ -252,11 +252,25 @@ class MonitoringConfig(_Section):
     min_cases: int = Field(
         default=10, ge=1, description="Cases the window must hold before drift is judged."
     )
+    drift_rule: Literal["binomial", "fixed"] = Field(
+        default="binomial",
+        description="How the window's OoD flags are judged: 'binomial' tests them against the "
+        "model's own in-distribution flag rate (measured leave-one-out on its reference cases, "
+        "recorded in fences.json) at alert_alpha; 'fixed' compares the window's fraction with "
+        "ood_fraction_limit (also the fallback for runs that recorded no rate).",
+    )
+    alert_alpha: float = Field(
+        default=0.01,
+        gt=0.0,
+        lt=0.5,
+        description="binomial rule: alert when a window this flagged (or more) would have at "
+        "most this probability under the reference flag rate (one-sided, per check).",
+    )
     ood_fraction_limit: float = Field(
         default=0.3,
         gt=0.0,
         le=1.0,
-        description="Alert when the window's fraction of OoD cases exceeds this.",
+        description="fixed rule: alert when the window's fraction of OoD cases exceeds this.",
     )
     median_pdc_shift_limit: float = Field(
         default=0.1,

@@ -29,6 +29,7 @@ from qcloop.monitor.method.fences_file import (
     save_reference_fences,
 )
 from qcloop.monitor.method.qc_train import load_labelled_view, train_qc_module
+from qcloop.monitor.method.reference_rate import leave_one_out_flags
 from qcloop.monitor.method.run_folder import ModelSet, RunError, load_model_set
 from qcloop.monitor.method.segmenter_training import (
     TrainResult,
@@ -224,7 +225,10 @@ def fit_reference_fences(
             metrics[f"fence.{phase}.pdc_low"] = float(f.pdc_low)
             metrics[f"fence.{phase}.phd_high"] = float(f.phd_high)
         tracker.log_metrics(metrics)
-        result = ReferenceFences(th, fences, reference_summary([s.best()[0] for s in scored]))
+        reference = reference_summary([s.best()[0] for s in scored])
+        if reference is not None:  # the flag rate of new in-distribution cases, for the monitor
+            reference.update(leave_one_out_flags(scored, strategy, case_phase))
+        result = ReferenceFences(th, fences, reference)
         if not isinstance(tracker, NullTracker):
             with tempfile.TemporaryDirectory(prefix="qcloop-fences-") as tmp:
                 tracker.log_artifact(str(save_reference_fences(Path(tmp), result)), view)

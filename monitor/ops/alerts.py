@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from qcloop.monitor.core.events import DriftAlert, WindowStats
-from qcloop.monitor.ops.drift import DriftLimits, judge_drift
+from qcloop.monitor.ops.drift import DriftLimits, FlagReference, judge_drift
 from qcloop.monitor.ops.ledger import Ledger, ViewHistory, utc_now
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -142,12 +142,15 @@ class AlertPolicy:
         stats: WindowStats,
         reference_median: float | None,
         model: dict[str, str],
+        *,
+        flags: FlagReference | None = None,
     ) -> dict[str, Any] | None:
-        """Judge ``view``'s window after a case entered it; returns the alert raised, if any."""
+        """Judge ``view``'s window after a case entered it (``flags``: the model's reference
+        flag rate, for the binomial rule); returns the alert raised, if any."""
         with self._lock:
             state = self.states[view]
             state.cases_since_alert += 1
-            decision = judge_drift(stats, reference_median, self.limits)
+            decision = judge_drift(stats, reference_median, self.limits, flags)
             if not decision.alert or not self._may_alert(state):
                 return None
             alert = {
@@ -158,6 +161,9 @@ class AlertPolicy:
                 "reference_median": decision.reference_median,
                 "limits": {
                     "min_cases": self.limits.min_cases,
+                    "rule": self.limits.rule if flags is not None else "fixed",
+                    "alert_alpha": self.limits.alert_alpha,
+                    "reference_flags": None if flags is None else [flags.flagged, flags.cases],
                     "ood_fraction_limit": self.limits.ood_fraction_limit,
                     "median_pdc_shift_limit": self.limits.median_pdc_shift_limit,
                 },

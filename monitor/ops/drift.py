@@ -92,6 +92,8 @@ class DriftLimits:
     min_cases: int = 10
     ood_fraction_limit: float = 0.3
     median_pdc_shift_limit: float = 0.1
+    rule: str = "binomial"
+    alert_alpha: float = 0.01
 
     @classmethod
     def from_config(cls, monitoring: Any) -> DriftLimits:
@@ -100,7 +102,32 @@ class DriftLimits:
             min_cases=int(monitoring.min_cases),
             ood_fraction_limit=float(monitoring.ood_fraction_limit),
             median_pdc_shift_limit=float(monitoring.median_pdc_shift_limit),
+            rule=str(monitoring.drift_rule),
+            alert_alpha=float(monitoring.alert_alpha),
         )
+
+
+@dataclass(frozen=True)
+class FlagReference:
+    """A model's in-distribution flag rate: ``flagged`` of ``cases`` reference cases, each
+    judged by fences fitted on the others (:mod:`qcloop.monitor.method.reference_rate`)."""
+
+    flagged: int
+    cases: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.flagged <= self.cases or self.cases < 1:
+            raise ValueError(f"invalid flag reference: {self.flagged} of {self.cases}")
+
+    def tail_probability(self, flagged: int, n: int) -> float:
+        """P(at least ``flagged`` of ``n`` new in-distribution cases flagged): the
+        beta-binomial predictive of a uniform prior updated with the reference counts, so a
+        small reference set widens the test instead of being taken as the exact rate
+        (``scipy.stats.betabinom``)."""
+        from scipy.stats import betabinom
+
+        a, b = self.flagged + 1, self.cases - self.flagged + 1
+        return float(betabinom.sf(flagged - 1, n, a, b))
 
 
 @dataclass(frozen=True)
@@ -123,21 +150,25 @@ class DriftDecision:
 
 
 def judge_drift(
-    stats: WindowStats, reference_median: float | None, limits: DriftLimits
+    stats: WindowStats,
+    reference_median: float | None,
+    limits: DriftLimits,
+    flags: FlagReference | None = None,
 ) -> DriftDecision:
     """Apply the drift policy to a window's statistics.
 
-    Alert when the window holds at least ``min_cases`` cases and either its OoD fraction is above
-    ``ood_fraction_limit`` or its median decision pDC is below ``reference_median -
-    median_pdc_shift_limit`` (the second rule needs a reference median).
+    Alert when the window holds at least ``min_cases`` cases and either its OoD flags are too
+    many, or its median decision pDC is below ``reference_median - median_pdc_shift_limit``
+    (needs a reference median). Too many flags: with the ``binomial`` rule and a reference
+    flag rate ``flags``, a window this flagged or more has probability below ``alert_alpha``
+    under that rate; otherwise (rule ``fixed``, or no reference rate) the OoD fraction is above
+    ``ood_fraction_limit``.
     """
     reasons: list[str] = []
     if stats.n >= limits.min_cases:
-        if stats.ood_fraction > limits.ood_fraction_limit:
-            reasons.append(
-                f"OoD fraction {stats.ood_fraction:.3f} > limit {limits.ood_fraction_limit:.3f} "
-                f"({stats.n} cases)"
-            )
+        flag_reason = _flag_reason(stats, limits, flags)
+        if flag_reason:
+            reasons.append(flag_reason)
         if reference_median is not None and stats.median_pdc is not None:
             floor = reference_median - limits.median_pdc_shift_limit
             if stats.median_pdc < floor:
@@ -146,3 +177,23 @@ def judge_drift(
                     f"{limits.median_pdc_shift_limit:.3f}"
                 )
     return DriftDecision(bool(reasons), tuple(reasons), stats, reference_median)
+
+
+def _flag_reason(stats: WindowStats, limits: DriftLimits, flags: FlagReference | None) -> str:
+    """Why the window's OoD flags are too many, or ``""``."""
+    k = round(stats.ood_fraction * stats.n)
+    if limits.rule == "binomial" and flags is not None:
+        p = flags.tail_probability(k, stats.n)
+        if p >= limits.alert_alpha:
+            return ""
+        return (
+            f"{k} of {stats.n} cases flagged OoD; the model's in-distribution rate is "
+            f"{flags.flagged} of {flags.cases} reference cases (leave-one-out): P = {p:.2g} "
+            f"< alert_alpha {limits.alert_alpha:g}"
+        )
+    if stats.ood_fraction > limits.ood_fraction_limit:
+        return (
+            f"OoD fraction {stats.ood_fraction:.3f} > limit {limits.ood_fraction_limit:.3f} "
+            f"({stats.n} cases)"
+        )
+    return ""

@@ -58,12 +58,12 @@ from qcloop.monitor.core.interfaces import ModelRef, ModelRegistry
 from qcloop.monitor.core.plugin_manager import apply_plugin_settings
 from qcloop.monitor.data.nifti_header import HeaderLimits
 from qcloop.monitor.ops.alerts import AlertPolicy
-from qcloop.monitor.ops.drift import DriftLimits
+from qcloop.monitor.ops.drift import DriftLimits, FlagReference
 from qcloop.monitor.ops.inbox import InboxWatcher, sidecar_of
 from qcloop.monitor.ops.intake import Intake, shown_name
 from qcloop.monitor.ops.ledger import Ledger, WindowCase, utc_now
 from qcloop.monitor.ops.out_lock import OutLock
-from qcloop.monitor.ops.reference import cached_reference_median
+from qcloop.monitor.ops.reference import cached_reference, flag_reference
 from qcloop.monitor.ops.refinement_job import GateFn, RefineFn, RefinementJob
 from qcloop.monitor.ops.windows import ViewWindows
 
@@ -86,6 +86,7 @@ class ServedView:
     champion: ModelRef
     scorer: OnlineScorer
     reference_median: float | None
+    flags: FlagReference | None
     _windows: ViewWindows
     _alerts: AlertPolicy
 
@@ -226,8 +227,10 @@ class Monitor:
     def _served(self, view: str, champion: ModelRef) -> ServedView:
         """A view's scorer and reference median for ``champion``."""
         scorer = self._scorer(view, champion)
-        reference = cached_reference_median(self.out, champion, scorer)
-        return ServedView(view, champion, scorer, reference, self.windows, self.alerts)
+        entry = cached_reference(self.out, champion, scorer)
+        median = None if entry is None else float(entry["median_pdc"])
+        flags = flag_reference(entry)
+        return ServedView(view, champion, scorer, median, flags, self.windows, self.alerts)
 
     def _scorer(self, view: str, champion: ModelRef) -> OnlineScorer:
         key = (view, champion.name, str(champion.version))
@@ -439,7 +442,9 @@ class Monitor:
         stats = self.windows.add(view, case.ood, case.pdc, case)
         with self._lock:
             served = self.views[view]
-        self.alerts.after_case(view, stats, served.reference_median, served.champion.info())
+        self.alerts.after_case(
+            view, stats, served.reference_median, served.champion.info(), flags=served.flags
+        )
 
     # ------------------------------------------------------------------ drift
 

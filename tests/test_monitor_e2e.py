@@ -73,6 +73,7 @@ def test_prometheus_alert_through_alertmanager_refines_and_registers(
         "monitoring": {
             "window": 50,
             "min_cases": 10,
+            "drift_rule": "fixed",
             "ood_fraction_limit": 1.0,
             "median_pdc_shift_limit": 1.0,
             "refine_on_alert": True,

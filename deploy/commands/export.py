@@ -62,6 +62,14 @@ def _need_onnx(command: str, exporter: str = "torchscript") -> None:
     show_default=True,
     help="torch.onnx exporter.",
 )
+@click.option(
+    "--parity-atol", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+    help="Parity: absolute tolerance on outputs, and on a segmenter's probabilities.",
+)  # fmt: skip
+@click.option(
+    "--parity-rtol", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+    help="Parity: tolerance relative to the output's magnitude (as numpy.allclose).",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_onnx(
     run_dir: Path,
@@ -71,18 +79,23 @@ def export_onnx(
     data: Path | None,
     cases: int,
     exporter: str,
+    parity_atol: float,
+    parity_rtol: float,
     as_json: bool,
 ) -> None:
     """Export every candidate segmenter and the QC module to ONNX, checked against PyTorch."""
     _need_onnx("qcloop export-onnx", exporter)
     from qcloop.deploy.onnx.errors import ExportError, ParityError
     from qcloop.deploy.onnx.export import export_run
+    from qcloop.deploy.onnx.parity import ParityTolerance
 
     target = out or run_dir / "onnx"
+    tolerance = ParityTolerance(atol=parity_atol, rtol=parity_rtol)
     try:
         manifest = export_run(
             run_dir, target, views=_views(view), opset=opset, data=data, max_cases=cases,
             exporter=exporter, echo=lambda line: click.echo(line, err=as_json),
+            tolerance=tolerance,
         )  # fmt: skip
     except ParityError as exc:
         raise click.ClickException(f"parity check failed: {exc}") from exc

@@ -144,6 +144,7 @@ def _convert_torch(
         with torch.inference_mode():
             return module(torch.from_numpy(batch)).numpy()
 
-    figures, _ = check_parity(label, payload, reference, x)
+    logits = predictor.card.output.activation == "softmax"
+    figures, _ = check_parity(label, payload, reference, x, settings.tolerance, logits=logits)
     target.write_bytes(payload)
     return figures

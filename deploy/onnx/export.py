@@ -38,7 +38,7 @@ from qcloop.deploy.onnx.manifest import (
     model_entry,
     new_manifest,
 )
-from qcloop.deploy.onnx.parity import check_parity, parity_line
+from qcloop.deploy.onnx.parity import ParityTolerance, check_parity, parity_line
 from qcloop.deploy.onnx.parity_data import ParityData, parity_slices
 from qcloop.deploy.staging import is_replaceable, staged_folder
 from qcloop.monitor import LABELS, __version__
@@ -58,6 +58,7 @@ class _Settings:
     data: Path | None
     max_cases: int
     say: Callable[[str], None]
+    tolerance: ParityTolerance
 
 
 def export_run(
@@ -70,6 +71,7 @@ def export_run(
     max_cases: int = 4,
     exporter: str = "dynamo",
     echo: Callable[[str], None] | None = None,
+    tolerance: ParityTolerance | None = None,
 ) -> dict[str, Any]:
     """Export every candidate segmenter and the QC module of each view of ``run`` to ONNX.
 
@@ -98,7 +100,7 @@ def export_run(
         raise ExportError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     settings = _Settings(
         opset, exporter, Path(data) if data else None, max_cases,
-        echo or (lambda line: log.info("%s", line)),
+        echo or (lambda line: log.info("%s", line)), tolerance or ParityTolerance(),
     )  # fmt: skip
     run = Path(run)
     out = Path(out) if out is not None else run / "onnx"
@@ -261,16 +263,19 @@ def _write_checked(
     reference: Callable[[np.ndarray], np.ndarray],
     inputs: np.ndarray,
     root: Path,
-    say: Callable[[str], None],
+    settings: _Settings,
 ) -> tuple[dict[str, Any], np.ndarray, str]:
     """Set the metadata, check parity on ``inputs``, write ``root/label``; the parity figures,
     PyTorch's outputs and the file's sha256."""
     set_metadata(proto, metadata)
     payload = proto.SerializeToString()
-    figures, want = check_parity(label, payload, reference, inputs)
+    logits = metadata.get("role") == "segmenter"
+    figures, want = check_parity(
+        label, payload, reference, inputs, settings.tolerance, logits=logits
+    )
     path = root / label
     path.write_bytes(payload)
-    say(parity_line(label, figures))
+    settings.say(parity_line(label, figures))
     return figures, want, sha256_file(path)
 
 
@@ -321,7 +326,7 @@ def _export_candidates(
                 return model(torch.from_numpy(batch)).numpy()
 
         figures, logits, digest = _write_checked(
-            label, proto, metadata, reference, x, staging, settings.say
+            label, proto, metadata, reference, x, staging, settings
         )
         probabilities.append(torch.softmax(torch.from_numpy(logits), 1).numpy())
         opset = opset_of(proto)
@@ -387,7 +392,7 @@ def _export_qc(
         return qc.reconstruct_tensor(torch.from_numpy(batch)).numpy()
 
     figures, _, digest = _write_checked(
-        label, proto, metadata, reference, inputs, staging, settings.say
+        label, proto, metadata, reference, inputs, staging, settings
     )
     return model_entry(
         label, qc_input=qc.input, input_name=names[0], output_name=names[1],

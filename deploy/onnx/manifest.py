@@ -127,8 +127,9 @@ def _parity_metrics(manifest: dict[str, Any]) -> dict[str, float]:
         models = [(f"candidate-{c['index']}", c["parity"]) for c in entry["candidates"]]
         models.append(("qc", entry["qc"]["parity"]))
         for name, parity in models:
-            for figure in ("max_abs_diff", "argmax_agreement"):
-                metrics[f"parity.{view}.{name}.{figure}"] = float(parity[figure])
+            for figure in ("max_abs_diff", "max_excess", "max_prob_diff", "argmax_agreement"):
+                if figure in parity:  # a model card's file copied unchanged has no figures
+                    metrics[f"parity.{view}.{name}.{figure}"] = float(parity[figure])
     return metrics
 
 

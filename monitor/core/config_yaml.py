@@ -191,8 +191,12 @@ def _merge(base: Any, override: Any) -> Any:
 
 
 def dump_config(cfg: QcloopConfig) -> str:
-    """The configuration as YAML, every setting spelled out, sections in declaration order."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=None)
+    """The configuration as YAML, every setting spelled out, sections in declaration order;
+    credentials in URIs redacted (:mod:`qcloop.monitor.core.redact`)."""
+    from qcloop.monitor.core.redact import redact
+
+    data = redact(cfg.model_dump(mode="json"))
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
 
 def save_config(cfg: QcloopConfig, path: str | os.PathLike[str]) -> Path:

@@ -21,6 +21,7 @@ from qcloop.monitor import __version__
 from qcloop.monitor.core import atomic
 from qcloop.monitor.core.config import QcloopConfig, dump_config
 from qcloop.monitor.core.interfaces import Tracker
+from qcloop.monitor.core.redact import redact
 from qcloop.monitor.core.resolve import build_qc_module
 from qcloop.monitor.core.serialise import jsonable, utc_now
 from qcloop.monitor.core.slices import SliceSet
@@ -149,7 +150,11 @@ def train_qc_run(
     with staged_folder(run) as stage, tracker.start_run(f"qc train {run.name}", tags=run_tags):
         atomic.write_text(stage / "config.yaml", dump_config(cfg))
         tracker.log_params(
-            {**cfg.model_dump(mode="json"), "data": info["data"], "train_views": ",".join(views)}
+            {
+                **redact(cfg.model_dump(mode="json")),
+                "data": info["data"],
+                "train_views": ",".join(views),
+            }
         )
         log_file(tracker, stage / "config.yaml")
         for view in views:

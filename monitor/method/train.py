@@ -15,6 +15,7 @@ from qcloop.monitor import __version__
 from qcloop.monitor.core import atomic
 from qcloop.monitor.core.config import QcloopConfig, dump_config
 from qcloop.monitor.core.interfaces import Tracker
+from qcloop.monitor.core.redact import redact
 from qcloop.monitor.core.resolve import build_segmenter, build_threshold_strategy
 from qcloop.monitor.core.serialise import utc_now
 from qcloop.monitor.core.slices import SliceSet
@@ -97,7 +98,11 @@ def train_run(
     run_tags = {"qcloop.kind": "train", "qcloop.run_dir": str(run.resolve())}
     with tracker.start_run(f"train {run.name}", tags=run_tags):
         tracker.log_params(
-            {**cfg.model_dump(mode="json"), "data": info["data"], "train_views": ",".join(views)}
+            {
+                **redact(cfg.model_dump(mode="json")),
+                "data": info["data"],
+                "train_views": ",".join(views),
+            }
         )
         log_file(tracker, run / "config.yaml")
         for view in views:

@@ -73,12 +73,35 @@ def test_promtool_unit_tests_of_the_alert_rules_pass() -> None:
         for group in yaml.safe_load(RULES_TEST.read_text())["tests"]
         for t in group.get("alert_rule_test", [])
     }
-    assert tested == {"QcloopOodFractionHigh", "QcloopPdcShift", "QcloopMonitorDown"}
+    assert tested == {
+        "QcloopOodFractionHigh",
+        "QcloopPdcShift",
+        "QcloopMonitorDown",
+        "QcloopServeQcDrift",
+    }
 
 
 def test_amtool_checks_the_alertmanager_config() -> None:
     out = _run(_tool("amtool"), "check-config", str(ALERTMANAGER_YML))
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(
+    ("labels", "receiver"),
+    [
+        (["alertname=QcloopOodFractionHigh", "job=qcloop-monitor", "view=SA"], "qcloop-monitor"),
+        (["alertname=QcloopPdcShift", "job=qcloop-monitor", "view=LA"], "qcloop-monitor"),
+        # a serve pod's series never reach the monitor's webhook, whatever their name
+        (["alertname=QcloopOodFractionHigh", "job=qcloop-serve", "view=SA"], "null"),
+        (["alertname=QcloopServeQcDrift", "job=qcloop-serve", "view=SA"], "null"),
+    ],
+)
+def test_alertmanager_routes_only_the_monitors_drift_to_its_webhook(
+    labels: list[str], receiver: str
+) -> None:
+    args = ["config", "routes", "test", f"--config.file={ALERTMANAGER_YML}", *labels]
+    out = _run(_tool("amtool"), *args)
+    assert out.stdout.strip() == receiver, out.stdout + out.stderr
 
 
 def test_rule_limits_and_endpoints_match_the_monitor_defaults() -> None:
@@ -90,8 +113,8 @@ def test_rule_limits_and_endpoints_match_the_monitor_defaults() -> None:
         if "alert" in r
     }
     ood = " ".join(rules["QcloopOodFractionHigh"]["expr"].split())
-    assert f"qcloop_ood_fraction > {defaults.ood_fraction_limit}" in ood
-    assert f"qcloop_window_cases >= {defaults.min_cases}" in ood
+    assert f'qcloop_ood_fraction{{job="qcloop-monitor"}} > {defaults.ood_fraction_limit}' in ood
+    assert f'qcloop_window_cases{{job="qcloop-monitor"}} >= {defaults.min_cases}' in ood
     shift = " ".join(rules["QcloopPdcShift"]["expr"].split())
     assert f") > {defaults.median_pdc_shift_limit}" in shift
     for name in ("QcloopOodFractionHigh", "QcloopPdcShift"):

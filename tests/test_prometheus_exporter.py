@@ -108,6 +108,14 @@ def test_case_events_update_histograms_counters_and_the_core_window(
     assert s[("qcloop_case_latency_seconds_count", (("runtime", "torch"), ("view", "SA")))] == 5
     text = service_metrics(monitor.id).exposition().decode()  # type: ignore[union-attr]
     assert "case-should-never-be-a-label" not in text
+    # a client's phase becomes a label value only when it is a known one
+    for phase in ("frame-17", "../../x", "ES"):
+        pm.emit(CaseScored(record(phase=phase), service=monitor.id))
+    phases = {
+        dict(labels)["phase"] for name, labels in samples(service_metrics(monitor.id))
+        if name == "qcloop_fence_pdc_low"
+    }  # fmt: skip
+    assert phases == {"ED", "ES", "all"}
 
 
 def test_lifecycle_events_are_counted(pm: QcloopPluginManager, monitor: ServiceInfo) -> None:

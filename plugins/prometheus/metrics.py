@@ -57,6 +57,10 @@ PHD_BUCKETS_MM = (1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0, 1
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+#: Values the ``phase`` label of the fence gauges takes (anything else counts as ``all``).
+_FENCE_PHASES = frozenset({"ED", "ES", "all"})
+
+
 class QcMetrics:
     """The QC-drift metrics of one service, in their own registry.
 
@@ -187,7 +191,10 @@ class QcMetrics:
             self.flagged.labels(view, version).inc()
         fences = record.get("fences")
         if fences:
+            # the phase comes from a client (serve's form field, a sidecar): as a label it
+            # takes known values only; any other phase was judged by the pooled fences
             phase = str(record.get("phase", "all"))
+            phase = phase if phase in _FENCE_PHASES else "all"
             self.fence_pdc.labels(view, phase).set(fences["pdc_low"])
             self.fence_phd.labels(view, phase).set(fences["phd_high"])
         if "latency_s" in record:

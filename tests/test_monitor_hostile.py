@@ -133,6 +133,7 @@ def test_an_unexpected_failure_rejects_that_file_only(
     monkeypatch.setattr(Intake, "_file_scored", fails_on_second)
     mon = Monitor(inbox, out, monitor_cfg(run_copy), champions_of(run_copy, ("SA",)), settle_s=0)
     try:
+        assert mon.process_file(fed[1]) == "rejected"  # moved aside, CaseFailed broadcast
         mon.step()
     finally:
         mon.close()

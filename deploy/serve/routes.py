@@ -5,6 +5,7 @@ the one-time mask links (:func:`add_routes`). Each handler finds the app's
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import uuid
 from typing import Annotated, Any, Literal
@@ -30,6 +31,7 @@ from qcloop.deploy.serve.schemas import (
 )
 from qcloop.deploy.serve.service import ServeService
 from qcloop.deploy.serve.upload import UploadProblem
+from qcloop.monitor.core.events import CaseFailed
 
 __all__ = ["add_routes"]
 
@@ -118,15 +120,16 @@ async def segment(
     _refuse_early(request, service, max_body, too_large)
     bundle = service.manager.bundle
     limiter = service.limiter
+    # the body first, within its deadline: a slow client never holds a processing slot
+    form = await _read_form_in_time(request, service, max_body, too_large)
     if not limiter.try_admit():
+        await form.close()
         raise HTTPException(
             429,
             f"busy: {limiter.workers} request(s) running and the queue is full; retry later",
             headers={"Retry-After": str(limiter.retry_after_s())},
         )
-    form = None
     try:
-        form = await read_form(request, max_body, too_large)
         upload = upload_part(form)
         view, phase = view_and_phase(form, upload.filename, bundle.scorers)
         request_id = uuid.uuid4().hex
@@ -138,11 +141,22 @@ async def segment(
         raise HTTPException(exc.status, exc.reason) from exc
     finally:
         limiter.release()
-        if form is not None:
-            await form.close()
+        await form.close()
     return SegmentResponse(
         request_id=request_id, record=record, mask=_mask(request, service, payload, mask)
     )
+
+
+async def _read_form_in_time(request: Request, service: Any, max_body: int, too_large: str) -> Any:
+    """The request's form, received within ``serving.upload_timeout_s`` (408, counted as a
+    ``CaseFailed`` of stage ``upload_timeout``, past it)."""
+    timeout = service.cfg.serving.upload_timeout_s
+    try:
+        return await asyncio.wait_for(read_form(request, max_body, too_large), timeout)
+    except TimeoutError as exc:
+        reason = f"the request body did not arrive within {timeout:g} s (serving.upload_timeout_s)"
+        service.events.emit(CaseFailed("upload_timeout", reason, source="upload"))
+        raise HTTPException(408, reason) from exc
 
 
 async def fetch_mask(
@@ -186,7 +200,7 @@ def add_routes(app: FastAPI) -> None:
         dependencies=_PROTECTED,
         openapi_extra=SEGMENT_BODY,
         responses={
-            **error_responses(400, 401, 403, 413, 415, 422, 429, 503),
+            **error_responses(400, 401, 403, 408, 413, 415, 422, 429, 503),
             429: {
                 "model": ErrorResponse,
                 "headers": {"Retry-After": {"schema": {"type": "integer"}}},

@@ -309,6 +309,13 @@ class ServingConfig(_Section):
         default=1024, ge=16, description="Largest accepted in-plane image size (voxels per axis)."
     )
     max_slices: int = Field(default=64, ge=1, description="Largest accepted number of slices.")
+    upload_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a client has to send its whole request body; a slower one gets 408 "
+        'and is counted (qcloop_case_errors_total{stage="upload_timeout"}). Bodies are read '
+        "before a processing slot is taken, so slow clients never hold one.",
+    )
     max_concurrency: int = Field(default=2, ge=1, description="Requests processed at once.")
     queue_size: int = Field(
         default=8, ge=0, description="Requests waiting beyond those; more get 429 with Retry-After."

@@ -37,7 +37,14 @@ __all__ = [
 ]
 
 #: Where a case can fail; a bounded set, so exporters may use it as a label.
-CASE_FAILURE_STAGES: tuple[str, ...] = ("read", "validate", "score", "write")
+CASE_FAILURE_STAGES: tuple[str, ...] = (
+    "read",
+    "validate",
+    "score",
+    "write",
+    "internal",  # anything else that failed while the monitor processed a file
+    "upload_timeout",  # a serve client that did not send its body in time
+)
 
 ServiceKind = Literal["monitor", "serve"]
 

@@ -277,3 +277,48 @@ def test_rules_query_only_metrics_qcloop_exports() -> None:
         for rule in group["rules"]:
             unknown = promql_metric_names(rule["expr"]) - exported - PROMETHEUS_METRICS - records
             assert not unknown, f"{rule.get('alert') or rule.get('record')}: {unknown}"
+
+
+def test_the_monitor_manifest_matches_the_monitor_command() -> None:
+    """deploy/k8s/monitor/monitor.yaml: one replica recreated (never two monitors on one OUT),
+    the output folder on a volume, the command's own options, the webhook and metrics bound for
+    the pod and published by its Service, probes on the webhook's /healthz, serve's hardening."""
+    from qcloop.monitor.cli.monitor import monitor
+    from qcloop.monitor.core.config import QcloopConfig
+
+    path = Path(__file__).resolve().parents[1] / "deploy" / "k8s" / "monitor" / "monitor.yaml"
+    by_kind = {d["kind"]: d for d in yaml.safe_load_all(path.read_text()) if d}
+    deployment = by_kind["Deployment"]
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["qcloop", "monitor"]
+    options = {opt for p in monitor.params for opt in p.opts}
+    given = [a for a in container["args"] if a.startswith("--")]
+    assert set(given) <= options, set(given) - options
+    args = container["args"]
+    out = args[args.index("--out") + 1]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert any(out.startswith(p) and n == "data" for p, n in mounts.items())
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "qcloop-monitor-data"
+    cfg = QcloopConfig.model_validate(
+        yaml.safe_load(by_kind["ConfigMap"]["data"]["config.yaml"])
+    ).monitoring
+    assert cfg.webhook_host == cfg.metrics_host == "0.0.0.0"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["metrics"] == cfg.metrics_port
+    assert ports["webhook"] == int(args[args.index("--webhook-port") + 1])
+    service = {p["targetPort"] for p in by_kind["Service"]["spec"]["ports"]}
+    assert service == set(ports)
+    for probe in ("livenessProbe", "startupProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "webhook"}
+    secret_env = next(e for e in container["env"] if e["name"] == cfg.webhook_secret_env)
+    assert secret_env["valueFrom"]["secretKeyRef"]["name"]
+    hardening = container["securityContext"]
+    assert hardening["readOnlyRootFilesystem"] and not hardening["allowPrivilegeEscalation"]
+    assert hardening["capabilities"]["drop"] == ["ALL"] and pod["securityContext"]["runAsNonRoot"]
+    assert pod["automountServiceAccountToken"] is False
+    endpoint = by_kind["ServiceMonitor"]["spec"]["endpoints"][0]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"

@@ -233,3 +233,29 @@ def test_one_monitor_per_output_folder(run_copy: Path, tmp_path: Path) -> None:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     OutLock(out).release()  # the kernel dropped the dead holder's lock
+
+
+def test_the_webhook_drops_silent_clients_and_answers_health(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection that sends nothing is closed after the socket timeout (it never holds a
+    thread for ever); ``GET /healthz`` answers without the secret, the other paths still need it."""
+    import json
+    import socket
+    import time
+    import urllib.request
+
+    import qcloop.monitor.ops.webhook as webhook
+
+    monkeypatch.setattr(webhook, "SOCKET_TIMEOUT_S", 0.5)
+    hook = webhook.AlertmanagerWebhook(lambda view, alert: "queued", "s3cret").start()
+    try:
+        with socket.create_connection((hook.host, hook.port), timeout=10) as silent:
+            t0 = time.monotonic()
+            assert silent.recv(1024) == b""  # closed by the server, not by our 10 s timeout
+            assert time.monotonic() - t0 < 5
+        base = hook.url.rsplit("/", 1)[0]
+        with urllib.request.urlopen(f"{base}/healthz", timeout=5) as r:
+            assert r.status == 200 and json.loads(r.read()) == {"status": "ok"}
+    finally:
+        hook.close()

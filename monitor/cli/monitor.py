@@ -240,7 +240,8 @@ def _serve(
             click.echo(f"{name}: {url}", err=True)
         if webhook_port is not None:
             secret = webhook_secret(mon.cfg.monitoring.webhook_secret_env)
-            hook = AlertmanagerWebhook(mon.receive_alert, secret, "127.0.0.1", webhook_port)
+            host = mon.cfg.monitoring.webhook_host
+            hook = AlertmanagerWebhook(mon.receive_alert, secret, host, webhook_port)
             hook.start()
             click.echo(f"alertmanager webhook: {hook.url}", err=True)
         for view, served in sorted(mon.views.items()):

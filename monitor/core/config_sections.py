@@ -289,6 +289,11 @@ class MonitoringConfig(_Section):
     metrics_port: int = Field(
         default=9308, ge=0, le=65535, description="Port of /metrics (0: none)."
     )
+    webhook_host: str = Field(
+        default="127.0.0.1",
+        description="Interface of the Alertmanager webhook (qcloop monitor --webhook-port); "
+        "0.0.0.0 where Alertmanager runs elsewhere (another container or pod).",
+    )
     webhook_secret_env: str = Field(
         default="QCLOOP_WEBHOOK_SECRET",
         description="Environment variable holding the Alertmanager webhook's shared secret.",

@@ -29,7 +29,11 @@ from qcloop.monitor.core.background_server import BackgroundServer
 log = logging.getLogger(__name__)
 
 WEBHOOK_PATH = "/alertmanager"
+#: ``GET`` here answers 200 without the secret: a liveness probe.
+HEALTH_PATH = "/healthz"
 MAX_BODY_BYTES = 1 << 20
+#: Seconds a connection may stay silent (per read or write) before it is dropped.
+SOCKET_TIMEOUT_S = 10.0
 
 #: ``on_alert(view, alert) -> outcome``: the monitor's handler of a firing alert.
 AlertCallback = Callable[[str, dict[str, Any]], str]
@@ -143,6 +147,9 @@ class AlertmanagerWebhook(BackgroundServer):
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "qcloop-webhook"
+            # a client silent this long is dropped (a socket timeout per read and write), so a
+            # stalled connection never holds its thread for ever
+            timeout = SOCKET_TIMEOUT_S
 
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("webhook %s: " + format, self.address_string(), *args)
@@ -182,6 +189,12 @@ class AlertmanagerWebhook(BackgroundServer):
             def _not_allowed(self) -> None:
                 self._reply(405, {"error": "only POST is accepted"})
 
-            do_GET = do_PUT = do_DELETE = do_PATCH = _not_allowed
+            def do_GET(self) -> None:
+                if self.path.split("?", 1)[0] == HEALTH_PATH:  # liveness, no secret needed
+                    self._reply(200, {"status": "ok"})
+                    return
+                self._not_allowed()
+
+            do_PUT = do_DELETE = do_PATCH = _not_allowed
 
         return Handler

@@ -73,7 +73,9 @@ def test_inbox_cases_are_scored_with_records_masks_and_ledger(
     ledger = [e for e in JsonlLog(out / "ledger.jsonl").read() if e["event"] == "case"]
     assert [e["seq"] for e in ledger] == [1, 2, 3, 4, 5]
     s = exporter_samples(mon)
-    assert s[("qcloop_cases_scored_total", (("model_version", "1"), ("view", "SA")))] == 4
+    assert s[("qcloop_cases_scored_total", (("view", "SA"),))] == 4
+    info = (("runtime", "torch"), ("version", "1"), ("view", "SA"))
+    assert s[("qcloop_model_info", info)] == 1  # the monitor's models, as serve's
     assert s[("qcloop_window_cases", (("view", "SA"),))] == 4
     ref = s[("qcloop_pdc_reference_median", (("view", "SA"),))]
     assert ref == pytest.approx(mon.views["SA"].reference_median) and 0 < ref <= 1
@@ -364,7 +366,7 @@ def test_metrics_endpoint_serves_the_monitor_metrics(
         mon.close()
     with pytest.raises(urllib.error.URLError):  # closed with the service
         urllib.request.urlopen(url, timeout=2)
-    assert 'qcloop_cases_scored_total{model_version="1",view="LA"} 2.0' in body
+    assert 'qcloop_cases_scored_total{view="LA"} 2.0' in body
     assert 'qcloop_pdc_reference_median{view="SA"}' in body
     assert 'qcloop_window_cases{view="LA"} 2.0' in body
     assert "qcloop_case_latency_seconds_bucket" in body

@@ -93,14 +93,14 @@ def test_case_events_update_histograms_counters_and_the_core_window(
         pm.emit(CaseScored(rec, service=monitor.id))
         windows.add("SA", ood, decision_pdc(rec))
     s = samples(service_metrics(monitor.id))
-    v = (("model_version", "3"), ("view", "SA"))
+    v = (("view", "SA"),)
     assert s[("qcloop_cases_scored_total", v)] == 5
     assert s[("qcloop_cases_flagged_total", v)] == 3
     # window of 4: the first case dropped out -> 3 of 4 flagged, median RV pDC of .4 .8 .3 .2
     assert s[("qcloop_ood_fraction", (("view", "SA"),))] == 0.75
     assert s[("qcloop_pdc_window_median", (("view", "SA"),))] == pytest.approx(0.35)
     assert s[("qcloop_window_cases", (("view", "SA"),))] == 4
-    rv = (("model_version", "3"), ("structure", "RV"), ("view", "SA"))
+    rv = (("structure", "RV"), ("view", "SA"))
     assert s[("qcloop_pdc_count", rv)] == 5
     # best pHD over candidates is observed: 9.0 mm for each case
     assert s[("qcloop_phd_mm_sum", rv)] == pytest.approx(45.0)
@@ -139,7 +139,7 @@ def test_lifecycle_events_are_counted(pm: QcloopPluginManager, monitor: ServiceI
 def test_events_of_other_services_and_batch_commands_are_ignored(
     pm: QcloopPluginManager, monitor: ServiceInfo
 ) -> None:
-    key = ("qcloop_cases_scored_total", (("model_version", "3"), ("view", "SA")))
+    key = ("qcloop_cases_scored_total", (("view", "SA"),))
     pm.emit(CaseScored(record(), service="not-started-here"))
     assert key not in samples(service_metrics(monitor.id))
     pm.emit(CaseScored(record(), service=monitor.id))
@@ -159,7 +159,7 @@ def test_the_monitor_endpoint_opens_and_closes_with_the_service(pm: QcloopPlugin
         pm.emit(CaseScored(record(view="LA"), service=service.id))
         with urllib.request.urlopen(url, timeout=10) as r:
             body = r.read().decode()
-        assert 'qcloop_cases_scored_total{model_version="3",view="LA"} 1.0' in body
+        assert 'qcloop_cases_scored_total{view="LA"} 1.0' in body
     finally:
         pm.service_stopped(service)
     assert service.endpoints == {}
@@ -266,4 +266,4 @@ def test_window_reset_and_restore_do_not_count_cases_again(
     assert s[("qcloop_ood_fraction", (("view", "SA"),))] == 0.75
     assert s[("qcloop_pdc_window_median", (("view", "SA"),))] == pytest.approx(0.45)
     assert s[("qcloop_pdc_reference_median", (("view", "SA"),))] == 0.8
-    assert s[("qcloop_cases_scored_total", (("model_version", "3"), ("view", "SA")))] == 2
+    assert s[("qcloop_cases_scored_total", (("view", "SA"),))] == 2

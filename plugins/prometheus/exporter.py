@@ -182,8 +182,8 @@ def on_model_version_promoted(event: ModelVersionPromoted) -> None:
 
 @hookimpl
 def on_models_loaded(event: ModelsLoaded) -> None:
-    """A serve app's models in use and reloads."""
-    _dispatch(event, "models_loaded", http=True)
+    """The models a service (the monitor or a serve app) uses, and its reloads."""
+    _dispatch(event, "models_loaded")
 
 
 @hookimpl

@@ -2,8 +2,8 @@
 
 When a serve app starts, the exporter adds these metrics to the app's QC-metrics registry (one
 ``/metrics`` serves both), installs a pure ASGI middleware that counts requests by route
-template (never by raw path), and adds the ``/metrics`` route. The models in use and the work
-queue arrive as events (``ModelsLoaded``, ``AdmissionChanged``):
+template (never by raw path), and adds the ``/metrics`` route. The work queue arrives as
+``AdmissionChanged`` events:
 
 ========================================  =========  ==========================================
 name                                      type       labels (from what)
@@ -13,10 +13,10 @@ qcloop_http_request_duration_seconds      histogram  endpoint (middleware)
 qcloop_http_rejected_total                counter    (admission: a request refused, queue full)
 qcloop_http_queue_depth                   gauge      (admission: requests waiting)
 qcloop_http_in_flight                     gauge      (admission: requests being scored)
-qcloop_model_reloads_total                counter    outcome (models loaded: ok on a swap,
-                                                     failed on any failed load)
-qcloop_model_info                         gauge      view, version, runtime (models loaded)
 ========================================  =========  ==========================================
+
+The models in use (``qcloop_model_info``, ``qcloop_model_reloads_total``) are QC metrics, the
+monitor's and serve's alike (``metrics.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from qcloop.monitor import AdmissionChanged, ModelsLoaded
+from qcloop.monitor import AdmissionChanged
 
 __all__ = ["HttpMetrics", "mount_metrics"]
 
@@ -68,30 +68,8 @@ class HttpMetrics:
         self.in_flight = Gauge(
             "qcloop_http_in_flight", "Segmentation requests being scored now.", registry=registry
         )
-        self.reloads = Counter(
-            "qcloop_model_reloads", "Model reloads, by outcome.", ["outcome"], registry=registry
-        )
-        self.model_info = Gauge(
-            "qcloop_model_info",
-            "The model version in use per view (value 1).",
-            ["view", "version", "runtime"],
-            registry=registry,
-        )
 
     # ------------------------------------------------------------------ events
-
-    def models_loaded(self, event: ModelsLoaded) -> None:
-        """The models in use: one ``model_info`` series per view; a swap or a failed load
-        counted in ``model_reloads_total``."""
-        if event.outcome != "ok":
-            self.reloads.labels("failed").inc()
-            return
-        self.model_info.clear()
-        for view, info in event.views.items():
-            version = str(info.get("version", "unregistered"))
-            self.model_info.labels(view, version, str(info.get("runtime", "unknown"))).set(1)
-        if event.reload:
-            self.reloads.labels("ok").inc()
 
     def admission_changed(self, event: AdmissionChanged) -> None:
         """The work queue: requests running and waiting; a refused one counted."""

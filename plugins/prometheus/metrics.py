@@ -2,16 +2,22 @@
 typed events.
 
 A :class:`QcMetrics` owns its own ``CollectorRegistry`` (never the global one, so several
-services can live in one process). Labels are view, structure, phase, model version, runtime,
-stage and source: never a case id.
+services can live in one process). Labels are view, structure, phase, runtime, stage and
+source: never a case id, and never the model version on the case series (each refinement would
+start a new set of series): the version serving each view is ``qcloop_model_info``, for the
+monitor and serve alike.
 
 ========================================  =========  ==========================================
 name (all prefixed ``qcloop_``)           type       labels (from which event)
 ========================================  =========  ==========================================
-qcloop_pdc                                histogram  view, structure, model_version (scored)
-qcloop_phd_mm                             histogram  view, structure, model_version (scored)
-qcloop_cases_scored_total                 counter    view, model_version (scored)
-qcloop_cases_flagged_total                counter    view, model_version (scored)
+qcloop_pdc                                histogram  view, structure (scored)
+qcloop_phd_mm                             histogram  view, structure (scored)
+qcloop_cases_scored_total                 counter    view (scored)
+qcloop_cases_flagged_total                counter    view (scored)
+qcloop_model_info                         gauge      view, version, runtime: 1 for the models in use
+                                                     (models loaded)
+qcloop_model_reloads_total                counter    outcome (models loaded: ok on a swap,
+                                                     failed on any failed load)
 qcloop_case_errors_total                  counter    stage (case failed)
 qcloop_ood_fraction                       gauge      view (window changed)
 qcloop_window_cases                       gauge      view (window changed)
@@ -42,6 +48,7 @@ from qcloop.monitor import (
     CaseScored,
     DriftAlert,
     ModelRefined,
+    ModelsLoaded,
     ModelVersionPromoted,
     ModelVersionRegistered,
     WindowChanged,
@@ -83,25 +90,29 @@ class QcMetrics:
         self.pdc = Histogram(
             "qcloop_pdc",
             "Pseudo-Dice of scored cases (best over candidates).",
-            ["view", "structure", "model_version"],
+            ["view", "structure"],
             buckets=PDC_BUCKETS,
             registry=r,
         )
         self.phd = Histogram(
             "qcloop_phd_mm",
             "Pseudo-Hausdorff distance of scored cases in mm (best over candidates).",
-            ["view", "structure", "model_version"],
+            ["view", "structure"],
             buckets=PHD_BUCKETS_MM,
             registry=r,
         )
-        self.scored = Counter(
-            "qcloop_cases_scored", "Cases scored.", ["view", "model_version"], registry=r
-        )
+        self.scored = Counter("qcloop_cases_scored", "Cases scored.", ["view"], registry=r)
         self.flagged = Counter(
-            "qcloop_cases_flagged",
-            "Cases flagged out of distribution.",
-            ["view", "model_version"],
+            "qcloop_cases_flagged", "Cases flagged out of distribution.", ["view"], registry=r
+        )
+        self.model_info = Gauge(
+            "qcloop_model_info",
+            "The model version in use per view (value 1).",
+            ["view", "version", "runtime"],
             registry=r,
+        )
+        self.reloads = Counter(
+            "qcloop_model_reloads", "Model reloads, by outcome.", ["outcome"], registry=r
         )
         self.errors = Counter(
             "qcloop_case_errors",
@@ -180,15 +191,15 @@ class QcMetrics:
     def case_scored(self, event: CaseScored) -> None:
         """Account one scored case from its record: histograms, counters, fences, latency."""
         record = event.record
-        view, version = event.view, event.model_version
+        view = event.view
         for s in record["candidates"][0]:
             best_pdc = max(c[s]["pdc"] for c in record["candidates"])
             best_phd = min(c[s]["phd_mm"] for c in record["candidates"])
-            self.pdc.labels(view, s, version).observe(best_pdc)
-            self.phd.labels(view, s, version).observe(best_phd)
-        self.scored.labels(view, version).inc()
+            self.pdc.labels(view, s).observe(best_pdc)
+            self.phd.labels(view, s).observe(best_phd)
+        self.scored.labels(view).inc()
         if record.get("ood"):
-            self.flagged.labels(view, version).inc()
+            self.flagged.labels(view).inc()
         fences = record.get("fences")
         if fences:
             # the phase comes from a client (serve's form field, a sidecar): as a label it
@@ -200,6 +211,19 @@ class QcMetrics:
         if "latency_s" in record:
             runtime = str((record.get("runtime") or {}).get("name", "unknown"))
             self.latency.labels(view, runtime).observe(float(record["latency_s"]))
+
+    def models_loaded(self, event: ModelsLoaded) -> None:
+        """The models in use: one ``model_info`` series per view; a swap or a failed load
+        counted in ``model_reloads_total``."""
+        if event.outcome != "ok":
+            self.reloads.labels("failed").inc()
+            return
+        self.model_info.clear()
+        for view, info in event.views.items():
+            version = str(info.get("version", "unregistered"))
+            self.model_info.labels(view, version, str(info.get("runtime", "unknown"))).set(1)
+        if event.reload:
+            self.reloads.labels("ok").inc()
 
     def case_failed(self, event: CaseFailed) -> None:
         """Count a case that could not be scored, by stage."""

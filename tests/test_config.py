@@ -86,11 +86,14 @@ EXPECTED_DEFAULT: dict[str, Any] = {
     "monitoring": {
         "window": 50,
         "min_cases": 10,
+        "drift_rule": "binomial",
+        "alert_alpha": 0.01,
         "ood_fraction_limit": 0.3,
         "median_pdc_shift_limit": 0.1,
         "refine_on_alert": True,
         "metrics_host": "127.0.0.1",
         "metrics_port": 9308,
+        "webhook_host": "127.0.0.1",
         "webhook_secret_env": "QCLOOP_WEBHOOK_SECRET",
     },
     "serving": {
@@ -98,6 +101,7 @@ EXPECTED_DEFAULT: dict[str, Any] = {
         "max_upload_mb": 64.0,
         "max_inplane": 1024,
         "max_slices": 64,
+        "upload_timeout_s": 30.0,
         "max_concurrency": 2,
         "queue_size": 8,
         "api_key_file": None,

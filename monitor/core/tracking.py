@@ -44,3 +44,11 @@ def log_file(tracker: Tracker, path: Path, artifact_path: str | None = None) -> 
     """Log ``path`` as an artifact when it is a file (a missing optional file is no error)."""
     if path.is_file():
         tracker.log_artifact(str(path), artifact_path)
+
+
+def run_params(cfg: QcloopConfig, data: str, views: list[str]) -> dict[str, Any]:
+    """A training run's tracked parameters: its configuration with credentials redacted
+    (:mod:`qcloop.monitor.core.redact`), its data folder and views."""
+    from qcloop.monitor.core.redact import redact
+
+    return {**redact(cfg.model_dump(mode="json")), "data": data, "train_views": ",".join(views)}

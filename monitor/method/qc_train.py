@@ -21,11 +21,10 @@ from qcloop.monitor import __version__
 from qcloop.monitor.core import atomic
 from qcloop.monitor.core.config import QcloopConfig, dump_config
 from qcloop.monitor.core.interfaces import Tracker
-from qcloop.monitor.core.redact import redact
 from qcloop.monitor.core.resolve import build_qc_module
 from qcloop.monitor.core.serialise import jsonable, utc_now
 from qcloop.monitor.core.slices import SliceSet
-from qcloop.monitor.core.tracking import log_file, make_tracker
+from qcloop.monitor.core.tracking import log_file, make_tracker, run_params
 from qcloop.monitor.data import CaseError, CaseSource, discover
 from qcloop.monitor.method.cases import (
     PreparedCase,
@@ -149,13 +148,7 @@ def train_qc_run(
     run_tags = {"qcloop.kind": "qc-train", "qcloop.run_dir": str(run.resolve())}
     with staged_folder(run) as stage, tracker.start_run(f"qc train {run.name}", tags=run_tags):
         atomic.write_text(stage / "config.yaml", dump_config(cfg))
-        tracker.log_params(
-            {
-                **redact(cfg.model_dump(mode="json")),
-                "data": info["data"],
-                "train_views": ",".join(views),
-            }
-        )
+        tracker.log_params(run_params(cfg, info["data"], views))
         log_file(tracker, stage / "config.yaml")
         for view in views:
             with tracker.start_run(f"qc train {run.name} {view}", tags={"qcloop.view": view}):

@@ -15,11 +15,10 @@ from qcloop.monitor import __version__
 from qcloop.monitor.core import atomic
 from qcloop.monitor.core.config import QcloopConfig, dump_config
 from qcloop.monitor.core.interfaces import Tracker
-from qcloop.monitor.core.redact import redact
 from qcloop.monitor.core.resolve import build_segmenter, build_threshold_strategy
 from qcloop.monitor.core.serialise import utc_now
 from qcloop.monitor.core.slices import SliceSet
-from qcloop.monitor.core.tracking import NullTracker, log_file, make_tracker
+from qcloop.monitor.core.tracking import NullTracker, log_file, make_tracker, run_params
 from qcloop.monitor.data import CaseSource, discover
 from qcloop.monitor.method.assess import case_phase, make_assessor
 from qcloop.monitor.method.assessment import ScoredCase, fit_population_fences
@@ -97,13 +96,7 @@ def train_run(
     }
     run_tags = {"qcloop.kind": "train", "qcloop.run_dir": str(run.resolve())}
     with tracker.start_run(f"train {run.name}", tags=run_tags):
-        tracker.log_params(
-            {
-                **redact(cfg.model_dump(mode="json")),
-                "data": info["data"],
-                "train_views": ",".join(views),
-            }
-        )
+        tracker.log_params(run_params(cfg, info["data"], views))
         log_file(tracker, run / "config.yaml")
         for view in views:
             with tracker.start_run(f"train {run.name} {view}", tags={"qcloop.view": view}):

@@ -22,7 +22,7 @@ from qcloop.plugins.prometheus.exporter import service_metrics
 def monitor_cfg(run: Path, **monitoring: Any) -> QcloopConfig:
     """The run's configuration; the monitor's own /metrics endpoint off unless a port is set."""
     base = load_run_config(run)
-    update = {"refine_on_alert": False, "metrics_port": 0, **monitoring}
+    update = {"refine_on_alert": False, "http_port": 0, **monitoring}
     return base.model_copy(update={"monitoring": base.monitoring.model_copy(update=update)})
 
 

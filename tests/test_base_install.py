@@ -23,7 +23,7 @@ from tests.helpers import tiny_run_config
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_SPEC = os.environ.get("QCLOOP_TEST_TORCH_SPEC", "torch==2.13.0")
 #: what the base install must not bring (each belongs to an extra).
-EXTRA_ONLY = ("mlflow", "onnxruntime", "onnx", "fastapi", "uvicorn", "matplotlib")
+EXTRA_ONLY = ("mlflow", "onnxruntime", "onnx", "fastapi", "matplotlib")
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +62,19 @@ def test_base_install_has_no_extra(base_env: Path, tmp_path: Path) -> None:
     )
     present = json.loads(_run([str(base_env / "python"), "-c", code], tmp_path))
     assert present == [], f"the base install brought extras' packages: {present}"
+
+
+def test_base_install_serves_the_monitor_endpoint(base_env: Path, tmp_path: Path) -> None:
+    """The monitor's HTTP endpoint (starlette + uvicorn) is part of the base install."""
+    code = (
+        "import urllib.request\n"
+        "from qcloop.monitor.core.http_endpoint import HttpEndpoint\n"
+        "from qcloop.monitor.ops.http_app import monitor_app\n"
+        "e = HttpEndpoint(monitor_app(lambda: {'status': 'ok'}, None)).start()\n"
+        "print(urllib.request.urlopen(e.url + '/healthz', timeout=10).read().decode())\n"
+        "e.close()\n"
+    )
+    assert json.loads(_run([str(base_env / "python"), "-c", code], tmp_path)) == {"status": "ok"}
 
 
 def test_base_install_trains_and_assesses(base_env: Path, tmp_path: Path) -> None:

@@ -91,9 +91,8 @@ EXPECTED_DEFAULT: dict[str, Any] = {
         "ood_fraction_limit": 0.3,
         "median_pdc_shift_limit": 0.1,
         "refine_on_alert": True,
-        "metrics_host": "127.0.0.1",
-        "metrics_port": 9308,
-        "webhook_host": "127.0.0.1",
+        "http_host": "127.0.0.1",
+        "http_port": 9308,
         "webhook_secret_env": "QCLOOP_WEBHOOK_SECRET",
     },
     "serving": {
@@ -430,3 +429,18 @@ def test_configurations_before_0_2_still_load() -> None:
     assert default.refinement.refiner.params == {}
     kept = parse_config("refinement: {refiner: {name: alpha, params: {k_semi: 4}}, k_semi: 2}\n")
     assert kept.refinement.refiner.params == {"k_semi": 4}  # params won before, as now
+
+
+def test_run_folders_written_with_the_separate_metrics_and_webhook_servers_still_load() -> None:
+    """Run configurations saved before /metrics and the webhook shared one endpoint name
+    ``metrics_host``, ``metrics_port`` and ``webhook_host``: they read as the endpoint's."""
+    old = {"metrics_host": "127.0.0.1", "metrics_port": 9400, "webhook_host": "127.0.0.1"}
+    m = QcloopConfig.model_validate({"monitoring": old}).monitoring
+    assert (m.http_host, m.http_port) == ("127.0.0.1", 9400)
+    # a webhook that listened on every interface: so must the one endpoint
+    pod = {"metrics_host": "127.0.0.1", "metrics_port": 0, "webhook_host": "0.0.0.0"}
+    m = QcloopConfig.model_validate({"monitoring": pod}).monitoring
+    assert (m.http_host, m.http_port) == ("0.0.0.0", 0)
+    # the new names win over the old where a file has both
+    both = {"metrics_port": 1, "http_port": 2}
+    assert QcloopConfig.model_validate({"monitoring": both}).monitoring.http_port == 2

@@ -451,7 +451,7 @@ def test_sample_events_cover_every_event_kind() -> None:
 def test_exporter_contract(exporter: str, tmp_path: Path) -> None:
     pm = QcloopPluginManager()
     pm.register(PM.get_plugin(exporter), name=exporter)
-    cfg = QcloopConfig.model_validate({"monitoring": {"metrics_port": 0}})
+    cfg = QcloopConfig.model_validate({"monitoring": {"http_port": 0}})
     service = ServiceInfo(kind="monitor", config=cfg, out=tmp_path)
     assert pm.call_each("on_service_started", service=service) == 0
     try:

@@ -121,13 +121,14 @@ def test_rule_limits_and_endpoints_match_the_monitor_defaults() -> None:
         assert rules[name]["labels"]["severity"]
     prom = yaml.safe_load(PROMETHEUS_YML.read_text())
     (job,) = [j for j in prom["scrape_configs"] if j["job_name"] == "qcloop-monitor"]
-    target = f"{defaults.metrics_host}:{defaults.metrics_port}"
+    target = f"{defaults.http_host}:{defaults.http_port}"
     assert job["static_configs"][0]["targets"] == [target]
     assert prom["rule_files"] == ["rules/qcloop.rules.yml"]
     am = yaml.safe_load(ALERTMANAGER_YML.read_text())
     (receiver,) = [r for r in am["receivers"] if r["name"] == "qcloop-monitor"]
     hook = receiver["webhook_configs"][0]
-    assert hook["url"].startswith("http://127.0.0.1:") and hook["url"].endswith("/alertmanager")
+    # the webhook is on the monitor's one endpoint, beside the /metrics Prometheus scrapes
+    assert hook["url"] == f"http://{target}/alertmanager"
     auth = hook["http_config"]["authorization"]
     assert auth["type"] == "Bearer" and auth["credentials_file"]
     route = am["route"]["routes"][0]
@@ -168,7 +169,7 @@ def exported_metric_names() -> set[str]:
     families (with the _total/_bucket/_sum/_count suffixes) and from a real exposition after
     one event of each kind, delivered through the event hooks."""
     pm = make_plugin_manager(load_entrypoints=False)
-    cfg = QcloopConfig(monitoring=MonitoringConfig(metrics_port=0))  # no HTTP endpoint
+    cfg = QcloopConfig(monitoring=MonitoringConfig(http_port=0))  # no HTTP endpoint
     service = ServiceInfo(kind="monitor", config=cfg)
     pm.service_started(service)
     try:
@@ -306,14 +307,13 @@ def test_the_monitor_manifest_matches_the_monitor_command() -> None:
     cfg = QcloopConfig.model_validate(
         yaml.safe_load(by_kind["ConfigMap"]["data"]["config.yaml"])
     ).monitoring
-    assert cfg.webhook_host == cfg.metrics_host == "0.0.0.0"
+    assert cfg.http_host == "0.0.0.0" and "--webhook" in args
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports["metrics"] == cfg.metrics_port
-    assert ports["webhook"] == int(args[args.index("--webhook-port") + 1])
+    assert ports == {"http": cfg.http_port}  # /metrics, /healthz and the webhook: one port
     service = {p["targetPort"] for p in by_kind["Service"]["spec"]["ports"]}
     assert service == set(ports)
     for probe in ("livenessProbe", "startupProbe"):
-        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "webhook"}
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
     secret_env = next(e for e in container["env"] if e["name"] == cfg.webhook_secret_env)
     assert secret_env["valueFrom"]["secretKeyRef"]["name"]
     hardening = container["securityContext"]
@@ -321,4 +321,4 @@ def test_the_monitor_manifest_matches_the_monitor_command() -> None:
     assert hardening["capabilities"]["drop"] == ["ALL"] and pod["securityContext"]["runAsNonRoot"]
     assert pod["automountServiceAccountToken"] is False
     endpoint = by_kind["ServiceMonitor"]["spec"]["endpoints"][0]
-    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"

@@ -389,7 +389,7 @@ def monitored(tent_run: Path, tiny_cohort: Path, tmp_path_factory: pytest.TempPa
         for src in [s for s in sources if s.vendor == vendor][:2]:
             shutil.copy2(src.image_path, inbox / src.image_path.name)
     settings = {
-        "monitoring": {"refine_on_alert": False, "metrics_port": free_port()},
+        "monitoring": {"refine_on_alert": False, "http_port": free_port()},
         "plugins": {"block": [PROMETHEUS, *BUILTINS]},
     }
     (root / "monitor.yaml").write_text(yaml.safe_dump(settings))

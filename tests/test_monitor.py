@@ -19,12 +19,14 @@ from qcloop.monitor import (
     WindowStats,
 )
 from qcloop.monitor.core.config import RefinementConfig
+from qcloop.monitor.core.http_endpoint import HttpEndpoint
 from qcloop.monitor.data import discover
 from qcloop.monitor.ops.drift import DriftLimits, judge_drift
+from qcloop.monitor.ops.http_app import monitor_app
 from qcloop.monitor.ops.inbox import read_identity
 from qcloop.monitor.ops.ledger import JsonlLog
 from qcloop.monitor.ops.monitor import Monitor
-from qcloop.monitor.ops.webhook import AlertmanagerWebhook, parse_payload
+from qcloop.monitor.ops.webhook import AlertDispatcher, parse_payload
 from tests.monitor_support import (
     FakeRegistry,
     champions_of,
@@ -319,10 +321,11 @@ def test_webhook_requires_the_secret_and_valid_alertmanager_json() -> None:
         calls.append((view, alert))
         return "queued"
 
-    hook = AlertmanagerWebhook(on_alert, SECRET).start()
+    app = monitor_app(lambda: {"status": "ok"}, AlertDispatcher(on_alert, SECRET))
+    hook = HttpEndpoint(app).start()
     try:
         assert hook.host == "127.0.0.1"
-        url = hook.url
+        url = hook.url + "/alertmanager"
         ok = {"Authorization": f"Bearer {SECRET}", "Content-Type": "application/json"}
         assert _post(url, _am_payload(), {})[0] == 401
         assert _post(url, _am_payload(), {"Authorization": "Bearer wrong"})[0] == 401
@@ -342,8 +345,17 @@ def test_webhook_requires_the_secret_and_valid_alertmanager_json() -> None:
         with pytest.raises(urllib.error.HTTPError) as exc:
             urllib.request.urlopen(url, timeout=10)
         assert exc.value.code == 405
+        # a body larger than it said, or over the limit, never reaches the handler
+        assert _post(url, b"x" * ((1 << 20) + 1), ok)[0] == 413
     finally:
         hook.close()
+    # without a dispatcher the route names the option that turns it on
+    off = HttpEndpoint(monitor_app(lambda: {"status": "ok"}, None)).start()
+    try:
+        code, body = _post(off.url + "/alertmanager", _am_payload(), {})
+        assert code == 404 and "--webhook" in body["error"]
+    finally:
+        off.close()
     with pytest.raises(ValueError, match="status"):
         parse_payload(b'{"alerts": [{"labels": {}, "status": "odd"}]}')
 
@@ -354,16 +366,26 @@ def test_metrics_endpoint_serves_the_monitor_metrics(
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     feed_inbox(inbox, tiny_cohort, "LA", {"A"}, 2)
     port = free_port()
-    cfg = monitor_cfg(run_copy, metrics_port=port)
+    cfg = monitor_cfg(run_copy, http_port=port)
     mon = Monitor(inbox, out, cfg, champions_of(run_copy), settle_s=0)
-    url = f"http://127.0.0.1:{port}/metrics"
+    base = f"http://127.0.0.1:{port}"
+    url = f"{base}/metrics"
     try:
-        assert mon.service.endpoints == {"metrics": url}  # opened by the exporter at start
+        # one endpoint: the monitor's /healthz, the exporter's /metrics (no webhook asked for)
+        assert mon.service.endpoints == {"healthz": f"{base}/healthz", "metrics": url}
         mon.step()
         with urllib.request.urlopen(url, timeout=10) as r:
             body = r.read().decode()
+        with urllib.request.urlopen(f"{base}/healthz", timeout=10) as r:
+            health = json.loads(r.read())
     finally:
         mon.close()
+    assert health == {
+        "status": "ok",
+        "intake": "running",
+        "views": ["LA", "SA"],
+        "skipped_files": 0,
+    }
     with pytest.raises(urllib.error.URLError):  # closed with the service
         urllib.request.urlopen(url, timeout=2)
     assert 'qcloop_cases_scored_total{view="LA"} 2.0' in body
@@ -425,7 +447,7 @@ def test_command_line_needs_one_model_source_and_a_webhook_secret(
     monkeypatch.setenv("QCLOOP_TEST_SECRET", "  abc \n")
     assert webhook_secret("QCLOOP_TEST_SECRET") == "abc"
     with pytest.raises(WebhookError):
-        AlertmanagerWebhook(lambda view, alert: "x", "")
+        AlertDispatcher(lambda view, alert: "x", "")
 
 
 def test_a_torn_last_line_is_cut_off_and_appends_stay_whole(tmp_path: Path) -> None:

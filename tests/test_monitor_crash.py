@@ -36,7 +36,7 @@ from qcloop.monitor.ops.monitor import Monitor
 torch.set_num_threads(1)
 run, inbox, out = (Path(a) for a in sys.argv[1:4])
 cfg = load_run_config(run)
-cfg = cfg.model_copy(update={"monitoring": cfg.monitoring.model_copy(update={"metrics_port": 0})})
+cfg = cfg.model_copy(update={"monitoring": cfg.monitoring.model_copy(update={"http_port": 0})})
 with Monitor(inbox, out, cfg, {"SA": ModelRef("qcloop-SA", "SA", "1", run)}, settle_s=0) as mon:
     mon.step()
 """

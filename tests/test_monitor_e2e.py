@@ -66,7 +66,7 @@ def test_prometheus_alert_through_alertmanager_refines_and_registers(
     shutil.copytree(tiny_run, run)
     shutil.rmtree(run / "LA")  # a short-axis deployment: half the start-up work
     inbox, out = work / "inbox", work / "out"
-    metrics_port, webhook_port, prom_port, am_port = (free_port() for _ in range(4))
+    http_port, prom_port, am_port = (free_port() for _ in range(3))
     # The monitor's own policy is switched off (limits it cannot reach), so the only alert that
     # can start refinement is the one Prometheus raises from the deploy/ rules.
     config = {
@@ -77,7 +77,7 @@ def test_prometheus_alert_through_alertmanager_refines_and_registers(
             "ood_fraction_limit": 1.0,
             "median_pdc_shift_limit": 1.0,
             "refine_on_alert": True,
-            "metrics_port": metrics_port,
+            "http_port": http_port,
             "webhook_secret_env": SECRET_ENV,
         },
         "registry": {"promotion": "auto", "dice_margin": 0.05},
@@ -104,8 +104,7 @@ def test_prometheus_alert_through_alertmanager_refines_and_registers(
             str(out),
             "--config",
             str(work / "monitor.yaml"),
-            "--webhook-port",
-            str(webhook_port),
+            "--webhook",  # on the same port as /metrics
             "--poll-s",
             "0.5",
             "--settle-s",
@@ -121,10 +120,10 @@ def test_prometheus_alert_through_alertmanager_refines_and_registers(
     secret_file = work / "webhook-secret"
     secret_file.write_text(SECRET + "\n")
     secret_file.chmod(0o600)
-    am_cfg = alertmanager_config(work, f"http://127.0.0.1:{webhook_port}/alertmanager", secret_file)
+    am_cfg = alertmanager_config(work, f"http://127.0.0.1:{http_port}/alertmanager", secret_file)
     alertmanager = start_alertmanager(work, am_cfg, am_port)
     servers.append(alertmanager)
-    prometheus = start_prometheus(work, prometheus_config(work, metrics_port, am_port), prom_port)
+    prometheus = start_prometheus(work, prometheus_config(work, http_port, am_port), prom_port)
     servers.append(prometheus)
     everyone = [monitor, alertmanager, prometheus]
     t0 = time.monotonic()
@@ -143,7 +142,7 @@ def test_prometheus_alert_through_alertmanager_refines_and_registers(
     )
     wait_for(
         "the monitor's /metrics",
-        lambda: http_get(f"http://127.0.0.1:{metrics_port}/metrics")[0] == 200,
+        lambda: http_get(f"http://127.0.0.1:{http_port}/metrics")[0] == 200,
         120,
         everyone,
     )
@@ -167,7 +166,7 @@ def test_prometheus_alert_through_alertmanager_refines_and_registers(
         120,
         everyone,
     )
-    assert scraped[0]["metric"]["instance"] == f"127.0.0.1:{metrics_port}"
+    assert scraped[0]["metric"]["instance"] == f"127.0.0.1:{http_port}"
     firing = wait_for(
         "QcloopOodFractionHigh to fire",
         lambda: prometheus_query(

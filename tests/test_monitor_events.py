@@ -159,7 +159,7 @@ def test_the_monitor_scores_with_the_exporter_blocked(
 ) -> None:
     exporter = "qcloop.plugins.prometheus.exporter"
     port = free_port()
-    cfg = monitor_cfg(run_copy, metrics_port=port)
+    cfg = monitor_cfg(run_copy, http_port=port)
     if how == "environment":
         plugin_env.setenv("QCLOOP_BLOCK_PLUGINS", exporter)
     else:
@@ -172,9 +172,12 @@ def test_the_monitor_scores_with_the_exporter_blocked(
         assert get_plugin_manager().is_blocked(exporter)
         assert mon.step() == 2
         assert len(read_records(out)) == 2 and mon.window_stats("SA").n == 2
-        assert mon.service.endpoints == {} and service_metrics(mon.service.id) is None
-        with pytest.raises(urllib.error.URLError):
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+        # the monitor's own endpoint stays up; without an exporter it has no /metrics
+        assert set(mon.service.endpoints) == {"healthz"}
+        assert service_metrics(mon.service.id) is None
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        assert exc.value.code == 404
 
 
 def test_reference_median_from_the_fences_else_the_validation_cases_else_none(

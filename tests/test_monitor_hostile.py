@@ -235,27 +235,39 @@ def test_one_monitor_per_output_folder(run_copy: Path, tmp_path: Path) -> None:
     OutLock(out).release()  # the kernel dropped the dead holder's lock
 
 
-def test_the_webhook_drops_silent_clients_and_answers_health(
+def test_the_http_endpoint_drops_silent_and_slow_clients_and_answers_health(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A connection that sends nothing is closed after the socket timeout (it never holds a
-    thread for ever); ``GET /healthz`` answers without the secret, the other paths still need it."""
+    """The monitor's HTTP endpoint: a connection that sends nothing is closed after the idle
+    timeout, a webhook body that trickles in gets 408, and neither keeps ``/healthz`` (no
+    secret needed) from answering meanwhile."""
     import json
     import socket
     import time
     import urllib.request
 
     import qcloop.monitor.ops.webhook as webhook
+    from qcloop.monitor.core.http_endpoint import HttpEndpoint
+    from qcloop.monitor.ops.http_app import monitor_app
 
-    monkeypatch.setattr(webhook, "SOCKET_TIMEOUT_S", 0.5)
-    hook = webhook.AlertmanagerWebhook(lambda view, alert: "queued", "s3cret").start()
+    monkeypatch.setattr(webhook, "BODY_TIMEOUT_S", 0.5)
+    app = monitor_app(lambda: {"status": "ok"}, webhook.AlertDispatcher(lambda v, a: "q", "s3"))
+    hook = HttpEndpoint(app, idle_timeout_s=0.5).start()
     try:
-        with socket.create_connection((hook.host, hook.port), timeout=10) as silent:
-            t0 = time.monotonic()
-            assert silent.recv(1024) == b""  # closed by the server, not by our 10 s timeout
-            assert time.monotonic() - t0 < 5
-        base = hook.url.rsplit("/", 1)[0]
-        with urllib.request.urlopen(f"{base}/healthz", timeout=5) as r:
+        silent = [socket.create_connection((hook.host, hook.port), timeout=10) for _ in range(8)]
+        with urllib.request.urlopen(f"{hook.url}/healthz", timeout=5) as r:
             assert r.status == 200 and json.loads(r.read()) == {"status": "ok"}
+        t0 = time.monotonic()
+        for conn in silent:
+            assert conn.recv(1024) == b""  # closed by the server, not by our 10 s timeout
+            conn.close()
+        assert time.monotonic() - t0 < 5
+        with socket.create_connection((hook.host, hook.port), timeout=10) as slow:
+            slow.sendall(
+                b"POST /alertmanager HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3\r\n"
+                b"Content-Length: 100\r\n\r\n{"
+            )
+            reply = slow.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 408")
     finally:
         hook.close()

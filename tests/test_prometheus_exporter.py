@@ -4,8 +4,6 @@ own /metrics server on 127.0.0.1, /metrics and the HTTP metrics mounted on a ser
 from __future__ import annotations
 
 import asyncio
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,7 +27,6 @@ from qcloop.monitor.core.plugin_manager import QcloopPluginManager, get_plugin_m
 from qcloop.monitor.ops.drift import RollingWindow, decision_pdc
 from qcloop.monitor.ops.windows import ViewWindows
 from qcloop.plugins.prometheus.exporter import QcMetrics, service_metrics
-from tests.prom_servers import free_port
 
 
 def record(view: str = "SA", ood: bool = False, rv: float = 0.9, phase: str = "ED") -> dict:
@@ -63,10 +60,10 @@ def samples(metrics: QcMetrics | None) -> dict[tuple[str, tuple], float]:
     return out
 
 
-def _config(metrics_port: int = 0) -> QcloopConfig:
+def _config(http_port: int = 0) -> QcloopConfig:
     cfg = QcloopConfig()
     return cfg.model_copy(
-        update={"monitoring": cfg.monitoring.model_copy(update={"metrics_port": metrics_port})}
+        update={"monitoring": cfg.monitoring.model_copy(update={"http_port": http_port})}
     )
 
 
@@ -77,7 +74,7 @@ def pm(plugin_env: pytest.MonkeyPatch) -> QcloopPluginManager:
 
 @pytest.fixture
 def monitor(pm: QcloopPluginManager) -> Iterator[ServiceInfo]:
-    """A monitor service as the exporter sees it (no endpoint: metrics_port 0)."""
+    """A monitor service as the exporter sees it (no app: no endpoint)."""
     service = ServiceInfo(kind="monitor", config=_config())
     pm.service_started(service)
     yield service
@@ -149,22 +146,28 @@ def test_events_of_other_services_and_batch_commands_are_ignored(
     pm.emit(CaseScored(record()))  # a batch command (`qcloop assess`): no service runs
 
 
-def test_the_monitor_endpoint_opens_and_closes_with_the_service(pm: QcloopPluginManager) -> None:
-    port = free_port()
-    service = ServiceInfo(kind="monitor", config=_config(port))
+def test_the_monitor_app_gets_metrics_and_forgets_them_with_the_service(
+    pm: QcloopPluginManager,
+) -> None:
+    """The exporter adds /metrics (and request counting) to the monitor's Starlette app, as to
+    serve's FastAPI app; the monitor itself serves that app on its one port."""
+    from starlette.testclient import TestClient
+
+    from qcloop.monitor.ops.http_app import monitor_app
+
+    app = monitor_app(lambda: {"status": "ok"}, None)
+    service = ServiceInfo(kind="monitor", config=_config(), app=app)
     pm.service_started(service)
-    url = f"http://127.0.0.1:{port}/metrics"
     try:
-        assert service.endpoints == {"metrics": url}
         pm.emit(CaseScored(record(view="LA"), service=service.id))
-        with urllib.request.urlopen(url, timeout=10) as r:
-            body = r.read().decode()
+        with TestClient(app) as client:
+            assert client.get("/healthz").status_code == 200
+            body = client.get("/metrics").text
         assert 'qcloop_cases_scored_total{view="LA"} 1.0' in body
+        assert 'qcloop_http_requests_total{endpoint="/healthz",method="GET",status="200"}' in body
     finally:
         pm.service_stopped(service)
-    assert service.endpoints == {}
-    with pytest.raises(urllib.error.URLError):
-        urllib.request.urlopen(url, timeout=2)
+    assert service_metrics(service.id) is None
 
 
 def test_serve_app_gets_metrics_route_middleware_and_http_metrics(

@@ -65,9 +65,7 @@ def _child(run: str, inbox: str, out: str) -> None:
     from qcloop.monitor.ops.monitor import Monitor
 
     cfg = load_run_config(Path(run))
-    cfg = cfg.model_copy(
-        update={"monitoring": cfg.monitoring.model_copy(update={"metrics_port": 0})}
-    )
+    cfg = cfg.model_copy(update={"monitoring": cfg.monitoring.model_copy(update={"http_port": 0})})
     champions = {v: ModelRef(f"qcloop-{v}", v, "1", Path(run)) for v in run_views(Path(run))}
     with Monitor(inbox, out, cfg, champions, settle_s=0) as mon:
         mon.step()

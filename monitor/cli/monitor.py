@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 import click
 
 from qcloop.monitor.core.config import QcloopConfig, load_config
+from qcloop.monitor.ops.webhook import WebhookError, webhook_secret
 
 if TYPE_CHECKING:  # pragma: no cover
     from qcloop.monitor.core.interfaces import ModelRef, ModelRegistry
     from qcloop.monitor.ops.monitor import Monitor
-    from qcloop.monitor.ops.out_lock import OutFolderBusy
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +64,16 @@ def _registered_runtime(_ctx: click.Context, _param: click.Parameter, name: str)
     "replace those of the run's own configuration.",
 )
 @click.option(
-    "--metrics-port",
+    "--http-port",
     type=click.IntRange(0, 65535),
-    help="Port of the exporter's /metrics (default monitoring.metrics_port; 0: no endpoint).",
+    help="Port of the monitor's HTTP endpoint: /metrics, /healthz and, with --webhook, "
+    "/alertmanager (default monitoring.http_port; 0: no endpoint).",
 )
 @click.option(
-    "--webhook-port",
-    type=click.IntRange(0, 65535),
-    help="Serve the Alertmanager webhook on this port (path /alertmanager); needs the secret "
-    "in the environment variable named by monitoring.webhook_secret_env.",
+    "--webhook",
+    is_flag=True,
+    help="Also serve the Alertmanager webhook (POST /alertmanager) on that endpoint; needs the "
+    "shared secret in the environment variable named by monitoring.webhook_secret_env.",
 )
 @click.option(
     "--tracking-uri",
@@ -117,8 +118,8 @@ def monitor(
     inbox: Path,
     out_dir: Path,
     config_file: Path | None,
-    metrics_port: int | None,
-    webhook_port: int | None,
+    http_port: int | None,
+    webhook: bool,
     tracking_uri: str | None,
     once: bool,
     poll_s: float,
@@ -140,15 +141,24 @@ def monitor(
 
         torch.set_num_threads(threads)
     from qcloop.monitor.ops.monitor import Monitor
+    from qcloop.monitor.ops.out_lock import OutFolderBusy
 
     file_cfg = load_config(config_file) if config_file else None
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg, registry, champions, follow = _models(
         run_dir, model_spec, file_cfg, tracking_uri, out_dir.resolve() / "models"
     )
-    if metrics_port is not None:
-        monitoring = cfg.monitoring.model_copy(update={"metrics_port": metrics_port})
+    if http_port is not None:
+        monitoring = cfg.monitoring.model_copy(update={"http_port": http_port})
         cfg = cfg.model_copy(update={"monitoring": monitoring})
+    secret = None
+    if webhook:
+        if not cfg.monitoring.http_port:
+            raise click.UsageError("--webhook needs the HTTP endpoint: --http-port is 0")
+        try:
+            secret = webhook_secret(cfg.monitoring.webhook_secret_env)
+        except WebhookError as exc:
+            raise click.ClickException(str(exc)) from None
     refinement = None
     if file_cfg is not None and "refinement" in file_cfg.model_fields_set:
         refinement = file_cfg.refinement
@@ -165,11 +175,12 @@ def monitor(
             settle_s=settle_s,
             cooldown_s=cooldown_s,
             reload_poll_s=cfg.serving.reload_poll_s,
+            webhook_secret=secret,
         )
-    except OutFolderBusy as exc:
+    except (OutFolderBusy, OSError) as exc:  # another monitor; the port cannot be bound
         raise click.ClickException(str(exc)) from None
     try:
-        _serve(mon, inbox, out_dir, webhook_port, poll_s, once)
+        _serve(mon, inbox, out_dir, poll_s, once)
     finally:
         mon.close()
     click.echo(f"records: {out_dir / 'records.jsonl'}; ledger: {out_dir / 'ledger.jsonl'}")
@@ -228,39 +239,24 @@ def _models(
     return cfg, registry, champions, model_spec
 
 
-def _serve(
-    mon: Monitor, inbox: Path, out_dir: Path, webhook_port: int | None, poll_s: float, once: bool
-) -> None:
+def _serve(mon: Monitor, inbox: Path, out_dir: Path, poll_s: float, once: bool) -> None:
     """Print where the monitor listens and what it serves, then run it until a signal."""
-    from qcloop.monitor.ops.webhook import AlertmanagerWebhook, webhook_secret
+    for name, url in sorted(mon.service.endpoints.items()):
+        click.echo(f"{name}: {url}", err=True)
+    for view, served in sorted(mon.views.items()):
+        ref = served.reference_median
+        click.echo(
+            f"{view}: {served.champion.name} version {served.champion.version} "
+            f"({served.champion.run_dir}), reference median pDC "
+            + (f"{ref:.4f}" if ref is not None else "unknown"),
+            err=True,
+        )
+    click.echo(f"watching {inbox} -> {out_dir}", err=True)
 
-    hook = None
-    try:
-        for name, url in sorted(mon.service.endpoints.items()):
-            click.echo(f"{name}: {url}", err=True)
-        if webhook_port is not None:
-            secret = webhook_secret(mon.cfg.monitoring.webhook_secret_env)
-            host = mon.cfg.monitoring.webhook_host
-            hook = AlertmanagerWebhook(mon.receive_alert, secret, host, webhook_port)
-            hook.start()
-            click.echo(f"alertmanager webhook: {hook.url}", err=True)
-        for view, served in sorted(mon.views.items()):
-            ref = served.reference_median
-            click.echo(
-                f"{view}: {served.champion.name} version {served.champion.version} "
-                f"({served.champion.run_dir}), reference median pDC "
-                + (f"{ref:.4f}" if ref is not None else "unknown"),
-                err=True,
-            )
-        click.echo(f"watching {inbox} -> {out_dir}", err=True)
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping after the case in progress", signum)
+        mon.stop()
 
-        def _stop(signum: int, _frame: object) -> None:
-            log.info("signal %d: stopping after the case in progress", signum)
-            mon.stop()
-
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
-        mon.run(poll_s, once=once)
-    finally:
-        if hook is not None:
-            hook.close()
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    mon.run(poll_s, once=once)

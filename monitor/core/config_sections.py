@@ -282,22 +282,36 @@ class MonitoringConfig(_Section):
     refine_on_alert: bool = Field(
         default=True, description="Run the refiner on the flagged window when an alert fires."
     )
-    metrics_host: str = Field(
+    http_host: str = Field(
         default="127.0.0.1",
-        description="Interface of the /metrics endpoint (loopback only by default).",
+        description="Interface of the monitor's HTTP endpoint (/metrics, /healthz and, with "
+        "qcloop monitor --webhook, /alertmanager): loopback by default; 0.0.0.0 in a container "
+        "that Prometheus or Alertmanager reach from outside.",
     )
-    metrics_port: int = Field(
-        default=9308, ge=0, le=65535, description="Port of /metrics (0: none)."
-    )
-    webhook_host: str = Field(
-        default="127.0.0.1",
-        description="Interface of the Alertmanager webhook (qcloop monitor --webhook-port); "
-        "0.0.0.0 where Alertmanager runs elsewhere (another container or pod).",
+    http_port: int = Field(
+        default=9308, ge=0, le=65535, description="Port of that endpoint (0: none)."
     )
     webhook_secret_env: str = Field(
         default="QCLOOP_WEBHOOK_SECRET",
         description="Environment variable holding the Alertmanager webhook's shared secret.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        """Read the keys of the separate /metrics and webhook servers (run folders written
+        before the two became one endpoint) as ``http_host``/``http_port``."""
+        if isinstance(data, dict) and {"metrics_host", "metrics_port", "webhook_host"} & set(data):
+            data = dict(data)
+            webhook_host = data.pop("webhook_host", None)
+            for old, new in (("metrics_host", "http_host"), ("metrics_port", "http_port")):
+                if old in data:
+                    value = data.pop(old)
+                    data.setdefault(new, value)
+            if webhook_host not in (None, data.get("http_host", "127.0.0.1")):
+                # the webhook listened elsewhere (0.0.0.0 in a pod): the endpoint must too
+                data["http_host"] = webhook_host
+        return data
 
 
 class ServingConfig(_Section):

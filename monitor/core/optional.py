@@ -17,7 +17,7 @@ __all__ = ["EXTRAS", "MissingExtraError", "require"]
 EXTRAS: dict[str, str] = {
     "mlflow": "MLflow tracking and the MLflow model registry",
     "onnx": "ONNX export and the onnxruntime runtime",
-    "serve": "the HTTP service (FastAPI, uvicorn)",
+    "serve": "the HTTP service (FastAPI, python-multipart)",
     "triton": "Triton model repositories",
     "report": "figures (matplotlib)",
 }

@@ -10,31 +10,18 @@ It composes :mod:`~qcloop.monitor.ops.inbox` (what is ready and what it is),
 (the drift policy, cooldown, coalescing, Alertmanager intake) and
 :mod:`~qcloop.monitor.ops.refinement_job` (window folder, refine, register and gate). It tells
 plugins what happens only through events: ``on_service_started`` / ``on_service_stopped``
-around its life (an exporter opens its ``/metrics`` there), then ``CaseScored``, ``CaseFailed``,
+around its life (an exporter adds ``/metrics`` to the monitor's HTTP app there), then ``CaseScored``, ``CaseFailed``,
 ``WindowChanged``, ``DriftAlert``, ``ModelRefined`` and ``ModelsLoaded``, each with the
 monitor's service id.
 
-Output folder::
-
-    OUT/records.jsonl             one QC record per scored case (fsync'd appends)
-    OUT/ledger.jsonl              processed cases by content hash, rejections, window resets,
-                                  alerts, refinements (fsync'd appends)
-    OUT/masks/<id>_pred.nii.gz    the QC-selected mask on the case's grid (atomic writes)
-    OUT/processed/<VIEW>/NNNNNN/NNNNNN_<VIEW>_<PHASE>.nii.gz
-                                  scored inputs, in the M&Ms-2 layout (+ their sidecar JSON)
-    OUT/rejected/<name>           inputs that could not be scored, with <name>.reason.txt
-    OUT/duplicates/<name>         inputs whose content was already scored
-    OUT/windows/<id>/             the drift window a refinement ran on (hard links, M&Ms-2
-                                  layout with dataset_information.csv) and its alert.json
-    OUT/runs/<id>-refined/        the refined run folder (registered as challenger)
-    OUT/reference.json            reference median decision pDC per view and model run
+The output folder's layout is in docs/monitoring.md ("Each case ends up as").
 
 Order of work per case (:mod:`~qcloop.monitor.ops.intake`): score, write the mask, append the
 record, append the ledger entry, move the input to ``processed/``, broadcast ``CaseScored``;
-then the case enters its view's window and the drift policy judges it. A restart re-reads the ledger (and adds entries for records whose ledger line a crash prevented),
-so no finished case is scored again and no input is lost: an input still in the inbox whose
-hash is in the ledger is moved where the ledger says (or, if that is taken, to
-``duplicates/``).
+then the case enters its view's window and the drift policy judges it. A restart re-reads the
+ledger (and adds entries for records whose ledger line a crash prevented), so no finished case
+is scored again and no input is lost: an input still in the inbox whose hash is in the ledger
+is moved where the ledger says (or, if that is taken, to ``duplicates/``).
 """
 
 from __future__ import annotations
@@ -44,7 +31,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,17 +40,21 @@ from qcloop.monitor.core.events import (
     ServiceInfo,
     WindowStats,
 )
+from qcloop.monitor.core.http_endpoint import HttpEndpoint
 from qcloop.monitor.core.interfaces import ModelRef, ModelRegistry
 from qcloop.monitor.core.plugin_manager import apply_plugin_settings
 from qcloop.monitor.data.nifti_header import HeaderLimits
 from qcloop.monitor.ops.alerts import AlertPolicy
-from qcloop.monitor.ops.drift import DriftLimits, FlagReference
+from qcloop.monitor.ops.drift import DriftLimits
+from qcloop.monitor.ops.http_app import monitor_app, open_endpoint, paths_served
 from qcloop.monitor.ops.inbox import InboxWatcher, sidecar_of
 from qcloop.monitor.ops.intake import Intake, shown_name
 from qcloop.monitor.ops.ledger import Ledger, WindowCase, utc_now
 from qcloop.monitor.ops.out_lock import OutLock
 from qcloop.monitor.ops.reference import cached_reference, flag_reference
 from qcloop.monitor.ops.refinement_job import GateFn, RefineFn, RefinementJob
+from qcloop.monitor.ops.served_view import ServedView
+from qcloop.monitor.ops.webhook import AlertDispatcher
 from qcloop.monitor.ops.windows import ViewWindows
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -73,32 +63,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Monitor", "ServedView"]
-
-
-@dataclass
-class ServedView:
-    """One served view: its champion model, the scorer running it and its reference median;
-    its window and alert state live in the monitor's :class:`ViewWindows` and
-    :class:`AlertPolicy`."""
-
-    view: str
-    champion: ModelRef
-    scorer: OnlineScorer
-    reference_median: float | None
-    flags: FlagReference | None
-    _windows: ViewWindows
-    _alerts: AlertPolicy
-
-    @property
-    def window(self) -> list[WindowCase]:
-        """The cases of the view's rolling window, oldest first."""
-        return list(self._windows.items(self.view))
-
-    @property
-    def pending(self) -> dict[str, Any] | None:
-        """The alert whose refinement is queued, if any."""
-        return self._alerts.pending(self.view)
+__all__ = ["Monitor", "ServedView"]  # ServedView: re-exported
 
 
 class Monitor:
@@ -125,6 +90,11 @@ class Monitor:
             configuration's ``plugins.block`` list is applied to it.
         clock: wall clock in seconds (injectable for tests).
         disk_pause_s: how long intake pauses when the disk is full (files stay in the inbox).
+        webhook_secret: serve the Alertmanager webhook with this bearer secret (``None``: off).
+
+    The HTTP app (:mod:`~qcloop.monitor.ops.http_app`: ``/healthz``, the webhook, an exporter's
+    ``/metrics``) listens on ``monitoring.http_host:http_port`` from construction to
+    :meth:`close` (port 0: no endpoint); ``service.endpoints["http"]`` is its URL.
     """
 
     def __init__(
@@ -146,25 +116,20 @@ class Monitor:
         pm: QcloopPluginManager | None = None,
         clock: Callable[[], float] = time.time,
         disk_pause_s: float = 30.0,
+        webhook_secret: str | None = None,
     ) -> None:
         if not champions:
             raise ValueError("the monitor needs at least one champion model")
         pm = apply_plugin_settings(cfg, pm)  # the plugins.block list of the configuration
         self.inbox = Path(inbox)
         self.out = Path(out).resolve()
-        self.cfg = cfg
-        self.registry = registry
+        self.cfg, self.registry, self.runtime, self.pm = cfg, registry, runtime, pm
         self.follow = follow or f"{cfg.registry.name_prefix}@champion"
-        self.runtime = runtime
-        self.reload_poll_s = float(reload_poll_s)
-        self.pm = pm
-        self._clock = clock
+        self.reload_poll_s, self._clock = float(reload_poll_s), clock
         self._lock = threading.RLock()
-        self._stop = threading.Event()
-        self._last_reload = clock()
+        self._stop, self._last_reload = threading.Event(), clock()
         self._scorers: dict[tuple[str, str, str], OnlineScorer] = {}
-        self.disk_pause_s = float(disk_pause_s)
-        self._paused_until = float("-inf")
+        self.disk_pause_s, self._paused_until = float(disk_pause_s), float("-inf")
         #: inbox files that could not even be moved aside (skipped until a restart)
         self._stuck: set[Path] = set()
         self.views: dict[str, ServedView] = {}
@@ -172,7 +137,13 @@ class Monitor:
         self.out.mkdir(parents=True, exist_ok=True)
         self._out_lock: OutLock | None = OutLock(self.out)  # OutFolderBusy: another monitor
         self.watcher = InboxWatcher(self.inbox, settle_s)
-        self.service = ServiceInfo(kind="monitor", config=cfg, out=self.out)
+        self._http: HttpEndpoint | None = None
+        self._webhook = webhook_secret is not None
+        hook = (
+            None if webhook_secret is None else AlertDispatcher(self.receive_alert, webhook_secret)
+        )
+        app = monitor_app(self.health, hook)
+        self.service = ServiceInfo(kind="monitor", config=cfg, app=app, out=self.out)
         self._started = True
         pm.service_started(self.service)
         try:
@@ -202,6 +173,7 @@ class Monitor:
             for view, champion in champions.items():
                 self._open_view(view, champion)
             self._announce_models(reload=False)
+            self._open_http()
         except BaseException:
             self.close()
             raise
@@ -373,8 +345,33 @@ class Monitor:
             self.run_pending()
         return taken + len(others)
 
+    def _open_http(self) -> None:
+        """Serve the HTTP app where ``monitoring.http_port`` says (0: nowhere)."""
+        self._http = open_endpoint(self.service.app, self.cfg.monitoring, "qcloop-monitor-http")
+        if self._http is not None:
+            for path in paths_served(self.service.app, webhook=self._webhook):
+                self.service.endpoints[path.strip("/")] = self._http.url + path
+
+    def health(self) -> dict[str, Any]:
+        """What ``GET /healthz`` answers: intake running or paused, views served, files
+        skipped because they could not even be moved aside."""
+        with self._lock:
+            views = sorted(self.views)
+            skipped = len(self._stuck)
+        paused = self._clock() < self._paused_until
+        return {
+            "status": "ok",
+            "intake": "paused: disk full" if paused else "running",
+            "views": views,
+            "skipped_files": skipped,
+        }
+
     def close(self) -> None:
-        """Stop the service: plugins release what they opened for it (its ``/metrics``)."""
+        """Stop the service: its HTTP endpoint closes, plugins release what they opened."""
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+            self.service.endpoints.clear()
         if self._started:
             self._started = False
             self.pm.service_stopped(self.service)

@@ -1,14 +1,11 @@
-"""The Alertmanager webhook receiver of ``qcloop monitor``.
+"""The Alertmanager webhook of ``qcloop monitor``: the payload, the secret, the dispatch.
 
 Alertmanager POSTs its webhook JSON (version 4: ``version``, ``status``, ``alerts``, each alert
 with ``status`` and ``labels``) to ``http://HOST:PORT/alertmanager`` with ``Authorization:
 Bearer <secret>`` (``http_config.authorization.credentials_file`` in alertmanager.yml). The
-receiver compares the secret in constant time and answers:
-
-* 401 without the header or with a wrong secret, 404 on another path, 405 for other methods,
-* 411 without ``Content-Length``, 413 for a body over 1 MiB, 400 for a body that is not such
-  a JSON document,
-* 202 with ``{"results": [...]}`` (one entry per alert) otherwise.
+route itself lives in the monitor's HTTP app (:mod:`qcloop.monitor.ops.http_app`); this module
+is what it relies on: :func:`parse_payload` (``ValueError`` naming the problem: 400),
+:class:`AlertDispatcher` (the constant-time secret check: 401; one result per alert: 202).
 
 Each firing alert with a ``view`` label is handed to the callback (which queues refinement);
 resolved alerts are logged only.
@@ -21,19 +18,14 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-
-from qcloop.monitor.core.background_server import BackgroundServer
 
 log = logging.getLogger(__name__)
 
 WEBHOOK_PATH = "/alertmanager"
-#: ``GET`` here answers 200 without the secret: a liveness probe.
-HEALTH_PATH = "/healthz"
 MAX_BODY_BYTES = 1 << 20
-#: Seconds a connection may stay silent (per read or write) before it is dropped.
-SOCKET_TIMEOUT_S = 10.0
+#: Seconds a client has to send a webhook body (Alertmanager sends ~kB at once).
+BODY_TIMEOUT_S = 10.0
 
 #: ``on_alert(view, alert) -> outcome``: the monitor's handler of a firing alert.
 AlertCallback = Callable[[str, dict[str, Any]], str]
@@ -92,27 +84,20 @@ def parse_payload(body: bytes) -> list[dict[str, Any]]:
     return out
 
 
-class AlertmanagerWebhook(BackgroundServer):
-    """An HTTP receiver of Alertmanager webhooks, served from a background thread.
+class AlertDispatcher:
+    """Checks the webhook's secret and hands each parsed alert to the monitor.
 
     Args:
         on_alert: called with ``(view, alert)`` for each firing alert that has a ``view``
             label; returns a short outcome (``"queued"``, ``"coalesced"``, ...).
         secret: the shared bearer secret (non-empty).
-        host: interface to bind (loopback by default).
-        port: TCP port (0: a free one).
     """
 
-    def __init__(
-        self, on_alert: AlertCallback, secret: str, host: str = "127.0.0.1", port: int = 0
-    ) -> None:
+    def __init__(self, on_alert: AlertCallback, secret: str) -> None:
         if not secret:
             raise WebhookError("the Alertmanager webhook needs a non-empty shared secret")
         self._on_alert = on_alert
         self._expected = f"Bearer {secret}".encode()
-        server = ThreadingHTTPServer((host, port), self._handler_class())
-        server.daemon_threads = True
-        super().__init__(server, WEBHOOK_PATH, name="qcloop-webhook")
 
     def authorised(self, header: str | None) -> bool:
         """Whether an ``Authorization`` header carries the shared secret (constant time)."""
@@ -141,60 +126,3 @@ class AlertmanagerWebhook(BackgroundServer):
             log.info("alertmanager: %s firing for %s: %s", name, view, outcome)
             results.append({"alertname": name, "view": view, "outcome": outcome})
         return results
-
-    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            server_version = "qcloop-webhook"
-            # a client silent this long is dropped (a socket timeout per read and write), so a
-            # stalled connection never holds its thread for ever
-            timeout = SOCKET_TIMEOUT_S
-
-            def log_message(self, format: str, *args: Any) -> None:
-                log.debug("webhook %s: " + format, self.address_string(), *args)
-
-            def _reply(self, code: int, obj: dict[str, Any]) -> None:
-                body = json.dumps(obj, allow_nan=False).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                if code == 401:
-                    self.send_header("WWW-Authenticate", 'Bearer realm="qcloop"')
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_POST(self) -> None:
-                if self.path.split("?", 1)[0] != WEBHOOK_PATH:
-                    self._reply(404, {"error": f"not found; post to {WEBHOOK_PATH}"})
-                    return
-                if not receiver.authorised(self.headers.get("Authorization")):
-                    self._reply(401, {"error": "missing or wrong bearer secret"})
-                    return
-                length = self.headers.get("Content-Length")
-                if length is None or not length.isdigit():
-                    self._reply(411, {"error": "Content-Length required"})
-                    return
-                if int(length) > MAX_BODY_BYTES:
-                    self._reply(413, {"error": f"body over {MAX_BODY_BYTES} bytes"})
-                    return
-                body = self.rfile.read(int(length))
-                try:
-                    alerts = parse_payload(body)
-                except ValueError as exc:
-                    self._reply(400, {"error": str(exc)})
-                    return
-                self._reply(202, {"results": receiver.handle(alerts)})
-
-            def _not_allowed(self) -> None:
-                self._reply(405, {"error": "only POST is accepted"})
-
-            def do_GET(self) -> None:
-                if self.path.split("?", 1)[0] == HEALTH_PATH:  # liveness, no secret needed
-                    self._reply(200, {"status": "ok"})
-                    return
-                self._not_allowed()
-
-            do_PUT = do_DELETE = do_PATCH = _not_allowed
-
-        return Handler

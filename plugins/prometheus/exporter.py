@@ -2,18 +2,18 @@
 event hooks.
 
 * ``on_service_started``: a :class:`~qcloop.plugins.prometheus.metrics.QcMetrics` with its own
-  registry is made for the service. For ``qcloop monitor`` it serves ``/metrics`` from its own
-  HTTP server on ``monitoring.metrics_host:metrics_port`` (port 0: no endpoint) and records the
-  URL in ``service.endpoints["metrics"]``; for ``qcloop serve`` it mounts ``GET /metrics`` and
-  the HTTP metrics' middleware on the service's FastAPI app
-  (:mod:`~qcloop.plugins.prometheus.http`).
+  registry is made for the service, and ``GET /metrics`` with the HTTP metrics' middleware is
+  mounted on the service's ASGI app (:mod:`~qcloop.plugins.prometheus.http`): ``qcloop
+  serve``'s FastAPI app, or the monitor's HTTP app (served on ``monitoring.http_host:http_port``
+  by the monitor itself; port 0: nowhere). A service without an app gets metrics but no
+  endpoint.
 * Every event is routed by its ``service`` id to that service's metrics: scored and failed
   cases, window changes (the window gauges mirror the core's window), drift alerts,
   refinements, registered and promoted versions, and for serve the models loaded and the work
   queue. An event with an id this exporter did not start is ignored. An event without one was
   emitted outside any service's own code (the model registry's lifecycle, a batch command):
   every service running in this process counts it, and with none running it is ignored.
-* ``on_service_stopped`` closes the service's server and forgets its metrics.
+* ``on_service_stopped`` forgets the service's metrics.
 
 Block this plugin (``QCLOOP_BLOCK_PLUGINS=qcloop.plugins.prometheus.exporter`` or
 ``plugins.block`` in a configuration) and services run without ``/metrics``.
@@ -39,7 +39,6 @@ from qcloop.monitor import (
     WindowChanged,
     hookimpl,
 )
-from qcloop.monitor.core.background_server import BackgroundServer
 from qcloop.plugins.prometheus.http import HttpMetrics, mount_metrics
 from qcloop.plugins.prometheus.metrics import QcMetrics
 
@@ -55,7 +54,6 @@ class _Exported:
     service: ServiceInfo
     qc: QcMetrics
     http: HttpMetrics | None = None
-    server: BackgroundServer | None = None
 
 
 _services: dict[str, _Exported] = {}
@@ -91,27 +89,6 @@ def _dispatch(event: Any, method: str, *, http: bool = False) -> None:
             )
 
 
-def _serve_monitor_metrics(exported: _Exported) -> None:
-    """Start the monitor's own ``/metrics`` server where its configuration asks for one."""
-    service = exported.service
-    monitoring = getattr(service.config, "monitoring", None)
-    port = int(getattr(monitoring, "metrics_port", 0) or 0)
-    if not port:
-        return
-    host = str(getattr(monitoring, "metrics_host", "127.0.0.1"))
-    try:
-        exported.server = exported.qc.serve(host, port)
-    except OSError as exc:
-        log.error(
-            "cannot serve /metrics on %s:%d (monitoring.metrics_host/metrics_port): %s",
-            host,
-            port,
-            exc,
-        )
-        return
-    service.endpoints["metrics"] = exported.server.url
-
-
 # --------------------------------------------------------------------------- hooks
 
 
@@ -119,23 +96,18 @@ def _serve_monitor_metrics(exported: _Exported) -> None:
 def on_service_started(service: ServiceInfo) -> None:
     """Make the service's metrics and open its ``/metrics``."""
     exported = _Exported(service, QcMetrics())
-    if service.kind == "serve" and service.app is not None:
+    if service.app is not None:
         exported.http = HttpMetrics(exported.qc.registry)
         mount_metrics(service.app, exported.qc.exposition, exported.http)
-    elif service.kind == "monitor":
-        _serve_monitor_metrics(exported)
     with _lock:
         _services[service.id] = exported
 
 
 @hookimpl
 def on_service_stopped(service: ServiceInfo) -> None:
-    """Close the service's ``/metrics`` server and forget its metrics."""
+    """Forget the service's metrics (its app, and ``/metrics`` with it, stop with it)."""
     with _lock:
-        exported = _services.pop(service.id, None)
-    if exported is not None and exported.server is not None:
-        exported.server.close()
-        service.endpoints.pop("metrics", None)
+        _services.pop(service.id, None)
 
 
 @hookimpl

@@ -1,6 +1,7 @@
-"""The HTTP metrics of a ``qcloop serve`` app, and ``GET /metrics`` mounted on it.
+"""The HTTP metrics of a service's app (``qcloop serve``'s, the monitor's), and ``GET /metrics``
+mounted on it.
 
-When a serve app starts, the exporter adds these metrics to the app's QC-metrics registry (one
+When a service's app starts, the exporter adds these metrics to the app's QC-metrics registry (one
 ``/metrics`` serves both), installs a pure ASGI middleware that counts requests by route
 template (never by raw path), and adds the ``/metrics`` route. The work queue arrives as
 ``AdmissionChanged`` events:
@@ -125,7 +126,8 @@ def _middleware_class(http: HttpMetrics) -> type:
 
 def mount_metrics(app: Any, exposition: Callable[[], bytes], http: HttpMetrics) -> None:
     """Add ``GET /metrics`` (the text of ``exposition()``) and the request-counting middleware
-    to a FastAPI ``app`` that has not started yet (the route appears in its OpenAPI schema)."""
+    to an app that has not started yet: a FastAPI app (serve; the route appears in its OpenAPI
+    schema) or a Starlette app (the monitor's)."""
     from prometheus_client import CONTENT_TYPE_LATEST
     from starlette.responses import Response
 
@@ -133,13 +135,20 @@ def mount_metrics(app: Any, exposition: Callable[[], bytes], http: HttpMetrics) 
         """Prometheus metrics: QC drift (``qcloop_*``) and HTTP (``qcloop_http_*``)."""
         return Response(exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_api_route(
-        "/metrics",
-        metrics_endpoint,
-        methods=["GET"],
-        response_model=None,  # a plain Response (its annotation names a local import)
-        response_class=Response,
-        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
-        tags=["service"],
-    )
+    if hasattr(app, "add_api_route"):  # FastAPI
+        app.add_api_route(
+            "/metrics",
+            metrics_endpoint,
+            methods=["GET"],
+            response_model=None,  # a plain Response (its annotation names a local import)
+            response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+            tags=["service"],
+        )
+    else:  # Starlette: endpoints take the request
+
+        async def starlette_endpoint(request: Any) -> Response:
+            return await metrics_endpoint()
+
+        app.add_route("/metrics", starlette_endpoint, methods=["GET"])
     app.add_middleware(_middleware_class(http))

@@ -53,7 +53,6 @@ from qcloop.monitor import (
     ModelVersionRegistered,
     WindowChanged,
 )
-from qcloop.monitor.core.background_server import BackgroundServer
 
 log = logging.getLogger(__name__)
 
@@ -269,10 +268,3 @@ class QcMetrics:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
-
-    def serve(self, host: str = "127.0.0.1", port: int = 0) -> BackgroundServer:
-        """Serve ``/metrics`` over HTTP in a background thread (``port=0``: a free port)."""
-        from prometheus_client import start_http_server
-
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
-        return BackgroundServer(server, "/metrics", thread)

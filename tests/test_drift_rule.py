@@ -113,3 +113,36 @@ def test_the_drift_benchmark_reports_both_rules(
             assert v[rule]["false_alarms_per_1000[flags]"] >= 0
             delays = [x for key, x in v[rule].items() if key.startswith("cases_to_alert")]
             assert delays and all(d["median"] > 0 for d in delays)
+
+
+@pytest.mark.slow
+def test_the_drift_benchmark_on_a_fresh_cohort_feeds_each_new_case_once(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    """``bench drift --fresh N``: N new vendor-A subjects (2 cases per view) and shifted ones
+    are generated with their own seed, scored by the run, and the in-distribution stream is
+    exactly those cases."""
+    from click.testing import CliRunner
+
+    from qcloop.monitor.cli.main import cli
+    from qcloop.monitor.data import discover
+
+    work = tmp_path / "fresh"
+    args = ["bench", "drift", "--run", str(tiny_run), "--fresh", "10", "--fresh-shifted", "2"]
+    args += ["--fresh-grid", "tiny", "--repeats", "10", "--work", str(work), "--json"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output[result.output.index("{") :])
+    assert figures["settings"]["fresh"] is True
+    sources = discover(work / "data", views=["SA"])
+    assert sorted({s.vendor for s in sources}) == ["A", "B", "C"]
+    for view in ("SA", "LA"):
+        v = figures["views"][view]
+        assert v["pool_sizes"] == {"A": 20, "B": 4, "C": 4}
+        assert v["in_distribution_cases"] == 20
+        assert 0 <= v["in_distribution_flag_rate"] <= 1
+        for rule in ("fixed", "binomial"):
+            assert v[rule]["false_alarms_per_1000[flags]"] >= 0
+    # --evaluations and --fresh exclude each other
+    both = CliRunner().invoke(cli, [*args[:4], "--fresh", "10", "--evaluations", __file__])
+    assert both.exit_code == 2 and "exactly one of" in both.output

@@ -3,9 +3,12 @@ and how many cases it needs to alert on a shifted vendor, under the ``fixed`` ru
 fraction above ``ood_fraction_limit``) and the ``binomial`` rule (the window's flags tested
 against the model's leave-one-out reference flag rate at ``alert_alpha``).
 
-Cases are drawn with replacement from scored cases of a demo's ``evaluations.jsonl`` (their OoD
-flag and decision pDC): in-distribution from the reference vendor's test cases, shifted from
-another vendor's. The policy is the monitor's: a rolling window of ``monitoring.window`` cases,
+The cases come from one of two sources. From a demo's ``evaluations.jsonl`` (its scored test
+cases: OoD flag and decision pDC), streams are drawn with replacement: in-distribution from the
+reference vendor's test cases, shifted from another vendor's. With ``fresh`` pools
+(:mod:`~qcloop.monitor.benchmarks.fresh_cohort`: a new phantom cohort scored by the run), the
+in-distribution stream is every fresh reference-vendor case once, in order, and the shifted
+streams are drawn from the fresh cases of the other vendors. The policy is the monitor's: a rolling window of ``monitoring.window`` cases,
 judged from ``min_cases`` on, after every case; after an alert, ``min_cases`` new cases before
 the next (the cooldown counted in cases; the window is not reset, as when alerts do not refine).
 The per-window test is the monitor's own :func:`~qcloop.monitor.ops.drift.judge_drift`, turned
@@ -102,7 +105,11 @@ def _rule_figures(
     out: dict[str, Any] = {
         "critical_flags": {str(n): table[n] for n in (10, 20, 50) if n <= window}
     }
-    in_distribution = _draw(pools[ref], draws, rng)  # one stream for both variants
+    # fresh: every case once, in the order it was generated; else one resampled stream (for
+    # both variants)
+    fresh = settings.get("fresh")
+    in_distribution = list(pools[ref]) if fresh else _draw(pools[ref], draws, rng)
+    draws = len(in_distribution)
     for use_median in (False, True):
         name = "flags+median" if use_median else "flags"
         alarms = simulate_alerts(
@@ -124,11 +131,17 @@ def _rule_figures(
 
 
 def run_drift_benchmark(
-    run: Path, evaluations: Path, *, config: str = "M/M+QC", reference_vendor: str = "A",
+    run: Path, evaluations: Path | None, *, config: str = "M/M+QC", reference_vendor: str = "A",
     draws: int = 100_000, repeats: int = 500, seed: int = 0, alpha: float | None = None,
+    fresh: dict[str, dict[str, list[Case]]] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Per view: the pool sizes, the reference flag rate and median, and per rule the false
-    alarms per 1000 in-distribution cases and the cases to alert on each other vendor."""
+    alarms per 1000 in-distribution cases and the cases to alert on each other vendor.
+
+    ``fresh`` (from :func:`~qcloop.monitor.benchmarks.fresh_cohort.fresh_pools`) replaces
+    ``evaluations``: the in-distribution stream is then its reference-vendor cases, each once."""
+    if (evaluations is None) == (fresh is None):
+        raise ValueError("give exactly one of evaluations and fresh pools")
     from qcloop.monitor.method.run_folder import load_run_config, run_views
     from qcloop.monitor.ops.reference import compute_reference, flag_reference
 
@@ -138,14 +151,15 @@ def run_drift_benchmark(
         base = _with(base, alert_alpha=alpha)
     settings = {"window": cfg.monitoring.window, "reference_vendor": reference_vendor,
                 "draws": draws, "repeats": repeats, "max_cases": 500,
-                "alert_alpha": base.alert_alpha}  # fmt: skip
+                "alert_alpha": base.alert_alpha, "fresh": fresh is not None}  # fmt: skip
     rng = np.random.default_rng(seed)
     figures: dict[str, Any] = {"settings": settings, "views": {}}
     for view in run_views(run):
-        pools = _pools(evaluations, config, view)
+        pools = fresh[view] if fresh is not None else _pools(evaluations, config, view)
         entry = compute_reference(run, view, scorer=None) or {}
         flags, median = flag_reference(entry), entry.get("median_pdc")
         view_fig: dict[str, Any] = {
+            "in_distribution_cases": len(pools[reference_vendor]) if fresh else draws,
             "pool_sizes": {v: len(p) for v, p in sorted(pools.items())},
             "in_distribution_flag_rate": float(np.mean([o for o, _ in pools[reference_vendor]])),
             "reference_flags": None if flags is None else [flags.flagged, flags.cases],

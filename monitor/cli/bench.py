@@ -105,8 +105,36 @@ def inbox(run_dir: str, data: str, cases: int, bomb_mib: int) -> None:
 @bench.command("drift")
 @click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option(
-    "--evaluations", required=True, type=click.Path(exists=True, dir_okay=False),
-    help="A demo's evaluations.jsonl (scored test cases with their OoD flags).",
+    "--evaluations",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A demo's evaluations.jsonl (scored test cases with their OoD flags): streams are "
+    "drawn from its cases with replacement.",
+)
+@click.option(
+    "--fresh",
+    type=click.IntRange(min=10),
+    default=None,
+    help="Instead: generate this many new vendor-A test subjects (2 cases per view each) and "
+    "score them with the run; each case enters the in-distribution stream once.",
+)
+@click.option(
+    "--fresh-shifted",
+    type=click.IntRange(min=0),
+    default=50,
+    show_default=True,
+    help="With --fresh: new subjects of each of vendors B and C, for the cases to alert.",
+)
+@click.option(
+    "--fresh-grid",
+    type=click.Choice(["default", "small", "tiny"]),
+    default="default",
+    show_default=True,
+    help="With --fresh: the phantom preset whose image grid the new cases "
+    "take (that of the run's training data).",
+)
+@click.option(
+    "--work", type=click.Path(file_okay=False), default=None,
+    help="With --fresh: keep the generated cohort here (default: a temporary folder).",
 )  # fmt: skip
 @click.option("--reference-vendor", default="A", show_default=True)
 @click.option("--draws", type=click.IntRange(min=1000), default=100_000, show_default=True)
@@ -118,18 +146,31 @@ def inbox(run_dir: str, data: str, cases: int, bomb_mib: int) -> None:
 )  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def drift(
-    run_dir: str, evaluations: str, reference_vendor: str, draws: int, repeats: int, seed: int,
+    run_dir: str, evaluations: str | None, fresh: int | None, fresh_shifted: int,
+    fresh_grid: str, work: str | None, reference_vendor: str, draws: int, repeats: int, seed: int,
     alpha: float | None, as_json: bool,
 ) -> None:  # fmt: skip
     """False alarms per 1000 in-distribution cases and cases to alert on a shifted vendor,
-    for the fixed and the binomial drift rule."""
+    for the fixed and the binomial drift rule, from a demo's scored cases (--evaluations) or
+    from a freshly generated cohort (--fresh N)."""
     from pathlib import Path
 
     from qcloop.monitor.benchmarks.drift import run_drift_benchmark
 
+    if (evaluations is None) == (fresh is None):
+        raise click.UsageError("give exactly one of --evaluations FILE or --fresh N")
+    pools = None
+    if fresh is not None:
+        from qcloop.monitor.benchmarks.fresh_cohort import fresh_pools
+
+        pools = fresh_pools(
+            Path(run_dir), fresh, fresh_shifted, seed=seed, grid_of=fresh_grid,
+            work=Path(work) if work else None,
+        )  # fmt: skip
     figures = run_drift_benchmark(
-        Path(run_dir), Path(evaluations), reference_vendor=reference_vendor, draws=draws,
-        repeats=repeats, seed=seed, alpha=alpha,
+        Path(run_dir), Path(evaluations) if evaluations else None,
+        reference_vendor=reference_vendor, draws=draws, repeats=repeats, seed=seed,
+        alpha=alpha, fresh=pools,
     )  # fmt: skip
     if as_json:
         click.echo(json.dumps(figures, indent=2))
@@ -140,15 +181,17 @@ def drift(
 def _drift_table(figures: dict[str, Any]) -> str:
     """The drift benchmark figures as text."""
     s = figures["settings"]
+    source = "fresh cases, each once" if s.get("fresh") else f"{s['draws']} draws with replacement"
     lines = [
-        f"drift benchmark: window {s['window']}, alert_alpha {s['alert_alpha']:g}, {s['draws']} "
-        f"in-distribution draws from vendor {s['reference_vendor']}, {s['repeats']} shifted "
+        f"drift benchmark: window {s['window']}, alert_alpha {s['alert_alpha']:g}, "
+        f"in-distribution: vendor {s['reference_vendor']}, {source}; {s['repeats']} shifted "
         "streams per vendor"
     ]
     for view, v in figures["views"].items():
         lines.append(
             f"{view}: vendor {s['reference_vendor']} test flag rate "
-            f"{v['in_distribution_flag_rate']:.3f} (pools {v['pool_sizes']}); reference flags "
+            f"{v['in_distribution_flag_rate']:.3f} over {v['in_distribution_cases']} cases "
+            f"(pools {v['pool_sizes']}); reference flags "
             f"(leave-one-out) {v['reference_flags']}; reference median {v['reference_median']}"
         )
         for rule in ("fixed", "binomial"):

@@ -133,7 +133,15 @@ def test_refine_writes_a_new_model_set_beside_the_original(trained, tmp_path) ->
 def test_demo_ablation_schema(tmp_path) -> None:
     from qcloop.monitor.cli.demo_run import run_demo
 
-    result = run_demo(tmp_path / "demo", preset="tiny", config=tiny_run_config(), workers=1)
+    # the schema, not the quality: a few optimiser steps per model keep the whole loop short
+    cfg = tiny_run_config()
+    cfg = cfg.model_copy(
+        update={
+            "training": cfg.training.model_copy(update={"min_steps": 40, "epochs": 2}),
+            "qc": cfg.qc.model_copy(update={"min_steps": 40, "epochs": 8}),
+        }
+    )
+    result = run_demo(tmp_path / "demo", preset="tiny", config=cfg, workers=1)
     saved = json.loads((tmp_path / "demo" / "ablation.json").read_text())
     assert saved["rows"] == result["rows"]
     configs = {(r["config"], r["vendor"], r["view"]) for r in saved["rows"]}

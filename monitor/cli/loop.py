@@ -168,12 +168,23 @@ def _predictions_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+_figures = click.option(
+    "--figures",
+    type=click.Choice(["flagged", "all", "none"]),
+    default="none",
+    show_default=True,
+    help="Write a QC figure (image, prediction, QC reconstruction, disagreement) per flagged "
+    "case, or per case, to OUT/figures/ (needs the report extra).",
+)
+
+
 @click.command()
 @_data
 @_run_or_model_options
 @_out
 @_view
 @_predictions_options
+@_figures
 def assess(
     data_dir: Path,
     run_dir: Path | None,
@@ -184,6 +195,7 @@ def assess(
     masks: Path | None,
     mapping_csv: Path | None,
     label_map: str | None,
+    figures: str,
 ) -> None:
     """Score every case with all candidates and the QC module: pDC/pHD, fences, OoD flags.
 
@@ -194,6 +206,8 @@ def assess(
     if masks is not None or mapping_csv is not None:
         if run_dir is None or model_spec is not None:
             raise click.UsageError("--predictions scores masks with a run's QC module: give --run")
+        if figures != "none":
+            raise click.UsageError("--figures draws the run's own predictions, not --predictions")
         _assess_predictions(data_dir, run_dir, masks, mapping_csv, label_map, out_dir, view)
         return
     if label_map is not None:
@@ -203,19 +217,22 @@ def assess(
     runs, info = _models(run_dir, model_spec, tracking_uri)
     _refuse_qc_only(run_dir)
     with _clear_errors():
-        summary = assess_run(data_dir, runs, out_dir, views=_views(view), model_info=info)
+        summary = assess_run(
+            data_dir, runs, out_dir, views=_views(view), model_info=info, figures=figures
+        )
     _print_summary(summary, out_dir)
 
 
 @contextlib.contextmanager
 def _clear_errors() -> Iterator[None]:
     """A run folder or a dataset that cannot be used: its message, without a traceback."""
+    from qcloop.monitor.core.optional import MissingExtraError
     from qcloop.monitor.data import CaseError
     from qcloop.monitor.method.run_folder import RunError
 
     try:
         yield
-    except (RunError, CaseError) as exc:
+    except (RunError, CaseError, MissingExtraError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -274,6 +291,7 @@ def _refuse_qc_only(run_dir: Path | None) -> None:
 @_run_or_model_options
 @_out
 @_view
+@_figures
 def predict(
     data_dir: Path,
     run_dir: Path | None,
@@ -281,6 +299,7 @@ def predict(
     tracking_uri: str | None,
     out_dir: Path,
     view: str,
+    figures: str,
 ) -> None:
     """Write QC-selected masks (NIfTI, original grid, affine and header) and their records."""
     from qcloop.monitor.method.assess import assess_run
@@ -289,7 +308,13 @@ def predict(
     _refuse_qc_only(run_dir)
     with _clear_errors():
         summary = assess_run(
-            data_dir, runs, out_dir, write_masks=True, views=_views(view), model_info=info
+            data_dir,
+            runs,
+            out_dir,
+            write_masks=True,
+            views=_views(view),
+            model_info=info,
+            figures=figures,
         )
     _print_summary(summary, out_dir)
     click.echo(f"masks: {out_dir / 'masks'}")

@@ -16,6 +16,7 @@ from qcloop.monitor.core import atomic
 from qcloop.monitor.core.config import QcloopConfig
 from qcloop.monitor.core.events import CaseScored
 from qcloop.monitor.core.interfaces import Tracker
+from qcloop.monitor.core.optional import require
 from qcloop.monitor.core.progress import progress
 from qcloop.monitor.core.resolve import build_threshold_strategy
 from qcloop.monitor.core.tracking import log_file, make_tracker
@@ -36,6 +37,7 @@ from qcloop.monitor.method.run_folder import (
     load_run_config,
     run_views,
 )
+from qcloop.monitor.report.case_figure import case_figure_png, wants_figure
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +153,7 @@ def assess_run(
     where: dict[str, Any] | None = None,
     tracker: Tracker | None = None,
     model_info: Mapping[str, dict[str, Any]] | None = None,
+    figures: str = "none",
 ) -> dict[str, Any]:
     """Assess (and with ``write_masks`` predict) every case of ``data_dir`` with a run.
 
@@ -161,7 +164,10 @@ def assess_run(
     Writes ``out_dir/records.jsonl`` (one JSON record per case, in case order) and
     ``out_dir/summary.json``; with ``write_masks`` the QC-selected masks go to
     ``out_dir/masks/<subject>_<view>_<phase>_pred.nii.gz`` on the original grid with the
-    original affine and header. Bad cases are reported in the summary and skipped.
+    original affine and header. Bad cases are reported in the summary and skipped. ``figures``
+    (``flagged``, ``all``, ``none``) picks the cases whose QC figure
+    (:mod:`~qcloop.monitor.report.case_figure`) goes to ``out_dir/figures/`` (record field
+    ``figure``).
 
     With a tracker (``tracker``, else the run's configured one) the assessment is one tracked
     run: per view the case and OoD counts and the OoD fraction, and ``summary.json``.
@@ -172,7 +178,7 @@ def assess_run(
     run = next(iter(runs.values()))
     cfg = load_run_config(run)
     all_sources = discover(data_dir, where=where)
-    writer = _RecordWriter(out, write_masks)
+    writer = _RecordWriter(out, write_masks, figures)
     errors: list[CaseError] = []
     per_view: dict[str, Any] = {}
     for view, view_run in runs.items():
@@ -181,7 +187,8 @@ def assess_run(
         info = {"run": str(view_run.resolve()), **dict((model_info or {}).get(view, {}))}
         pre = make_preprocessor(view_cfg, getattr(model_set.best, "divisor", 1))
         cases = load_prepared([s for s in all_sources if s.view == view], pre, errors)
-        scored = assess_prepared(model_set, cases, view_cfg, writer.callback(info))
+        reconstruct = make_assessor(model_set, view_cfg).reconstruct
+        scored = assess_prepared(model_set, cases, view_cfg, writer.callback(info, reconstruct))
         per_view[view] = {
             "cases": len(scored),
             "ood": sum(bool(s.ood) for s in scored),
@@ -224,24 +231,53 @@ class _RecordWriter:
     """Turns assessed cases into records (with true scores where ground truth exists, and the
     QC-selected mask written with ``write_masks``), and broadcasts each as ``CaseScored``."""
 
-    def __init__(self, out: Path, write_masks: bool) -> None:
+    def __init__(self, out: Path, write_masks: bool, figures: str = "none") -> None:
         from qcloop.monitor.core.plugin_manager import get_plugin_manager
 
+        wants_figure(figures, None)  # a ValueError for an unknown choice, before any work
+        if figures != "none":
+            require("matplotlib", "report", "case figures (--figures)")
         self.out = out
         self.write_masks = write_masks
+        self.figures = figures
         self.records: list[dict[str, Any]] = []
         self.pm = get_plugin_manager()
 
-    def callback(self, info: dict[str, Any]) -> CaseCallback:
-        """The case callback of one view, whose records carry ``info`` as their ``model``."""
+    def callback(
+        self, info: dict[str, Any], reconstruct: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> CaseCallback:
+        """The case callback of one view, whose records carry ``info`` as their ``model``;
+        ``reconstruct`` (the view's QC reconstruction) draws the case figures."""
 
         def emit(a: Assessed) -> None:
-            self.write(a, info)
+            self.write(a, info, reconstruct)
 
         return emit
 
-    def write(self, a: Assessed, info: dict[str, Any]) -> None:
-        """Record one assessed case and broadcast it."""
+    def _figure(
+        self, a: Assessed, rec: dict[str, Any], reconstruct: Callable[[np.ndarray], np.ndarray]
+    ) -> None:
+        """Draw the case's QC figure into ``figures/``; a failure is recorded, never raised."""
+        src = a.item.case.source
+        path = self.out / "figures" / f"{src.subject}_{src.view}_{src.phase}.png"
+        try:
+            selected = _selected(a)
+            recon = reconstruct(selected).argmax(1)
+            png = case_figure_png(a.item.prepared.image, selected.argmax(1), recon, rec)
+            atomic.write_bytes(path, png)
+        except Exception as exc:  # the record matters more than its picture
+            log.warning("%s: no figure (%s)", src.image_path, exc)
+            rec["figure_error"] = str(exc)
+            return
+        rec["figure"] = str(path)
+
+    def write(
+        self,
+        a: Assessed,
+        info: dict[str, Any],
+        reconstruct: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> None:
+        """Record one assessed case (with its figure where asked) and broadcast it."""
         from qcloop.monitor.data import save_label_map
 
         rec = a.scored.to_record()
@@ -259,6 +295,8 @@ class _RecordWriter:
             path = self.out / "masks" / f"{src.subject}_{src.view}_{src.phase}_pred.nii.gz"
             save_label_map(path, labels, a.item.case)
             rec["mask"] = str(path)
+        if reconstruct is not None and wants_figure(self.figures, rec.get("ood")):
+            self._figure(a, rec, reconstruct)
         self.records.append(rec)
         self.pm.emit(CaseScored(rec))  # one broadcast per case, after the work is done
 

@@ -69,6 +69,12 @@ def test_inbox_cases_are_scored_with_records_masks_and_ledger(
         assert mask.shape == image.shape and np.allclose(mask.affine, image.affine)
         assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2, 3}
         assert rec["model"]["version"] == "1" and isinstance(rec["ood"], bool)
+        # a QC figure for each flagged case (the monitor's default --figures flagged)
+        assert ("figure" in rec) == rec["ood"], rec.get("figure_error")
+        if rec["ood"]:
+            assert Path(rec["figure"]) == out / "figures" / f"{rec['case_id']}.png"
+            assert Path(rec["figure"]).read_bytes()[:4] == b"\x89PNG"
+    assert any(r["ood"] for r in recs)  # the figure check above is not vacuous
     assert (out / "processed/SA/000005/000005_SA_ES.source.json").is_file()
     # processed/<view> is a dataset folder in the M&Ms-2 layout (refinement windows are too)
     assert len(discover(out / "processed" / "SA")) == 4

@@ -67,7 +67,8 @@ def _child(run: str, inbox: str, out: str) -> None:
     cfg = load_run_config(Path(run))
     cfg = cfg.model_copy(update={"monitoring": cfg.monitoring.model_copy(update={"http_port": 0})})
     champions = {v: ModelRef(f"qcloop-{v}", v, "1", Path(run)) for v in run_views(Path(run))}
-    with Monitor(inbox, out, cfg, champions, settle_s=0) as mon:
+    # no figures: the figures measure intake (and matplotlib would weigh on the peak RSS)
+    with Monitor(inbox, out, cfg, champions, settle_s=0, figures="none") as mon:
         mon.step()
     events = JsonlLog(Path(out) / "ledger.jsonl").read()
     counts = {k: sum(e["event"] == k for e in events) for k in ("case", "rejected")}

@@ -76,6 +76,14 @@ def _registered_runtime(_ctx: click.Context, _param: click.Parameter, name: str)
     "shared secret in the environment variable named by monitoring.webhook_secret_env.",
 )
 @click.option(
+    "--figures",
+    type=click.Choice(["flagged", "all", "none"]),
+    default="flagged",
+    show_default=True,
+    help="Which scored cases get a QC figure (image, prediction, QC reconstruction, "
+    "disagreement) in OUT/figures/; none without matplotlib (the report extra).",
+)
+@click.option(
     "--tracking-uri",
     help="Model registry URI (default registry.uri, else the backend's own: MLflow's is "
     "sqlite:///<cwd>/mlflow.db).",
@@ -120,6 +128,7 @@ def monitor(
     config_file: Path | None,
     http_port: int | None,
     webhook: bool,
+    figures: str,
     tracking_uri: str | None,
     once: bool,
     poll_s: float,
@@ -176,6 +185,7 @@ def monitor(
             cooldown_s=cooldown_s,
             reload_poll_s=cfg.serving.reload_poll_s,
             webhook_secret=secret,
+            figures=figures,
         )
     except (OutFolderBusy, OSError) as exc:  # another monitor; the port cannot be bound
         raise click.ClickException(str(exc)) from None

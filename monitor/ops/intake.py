@@ -10,6 +10,8 @@ entry, move the input to ``OUT/processed/<VIEW>/NNNNNN/`` (M&Ms-2 layout), broad
 from __future__ import annotations
 
 import contextlib
+import errno
+import importlib.util
 import logging
 import os
 import re
@@ -27,6 +29,7 @@ from qcloop.monitor.ops.crash_points import crash_point
 from qcloop.monitor.ops.files import free_name, move_file, nifti_suffix, stem_of
 from qcloop.monitor.ops.inbox import InboxCase, read_identity, sidecar_of
 from qcloop.monitor.ops.ledger import Ledger, utc_now
+from qcloop.monitor.report.case_figure import wants_figure
 
 if TYPE_CHECKING:  # pragma: no cover
     from qcloop.monitor.core.plugin_manager import QcloopPluginManager
@@ -65,8 +68,16 @@ class Intake:
         pm: QcloopPluginManager,
         service: str | None = None,
         limits: Callable[[str], HeaderLimits] | None = None,
+        figures: str = "none",
     ) -> None:
+        wants_figure(figures, None)  # ValueError for an unknown choice
+        if figures != "none" and importlib.util.find_spec("matplotlib") is None:
+            log.warning(
+                "no case figures: matplotlib is not installed (pip install 'qcloop[report]')"
+            )
+            figures = "none"
         self.out = out
+        self.figures = figures
         self.ledger = ledger
         self.service = service
         self._pm = pm
@@ -114,7 +125,27 @@ class Intake:
             log.exception("%s: scoring failed", path)
             reason = f"scoring failed: {exc!r}"
             return Taken(self.reject(path, ident.sidecar, "score", reason, ident.view, sha=sha))
-        return Taken("scored", self._file_scored(ident, sha, case, result))
+        figure = self._figure(ident, sha, scorers[ident.view], result)
+        return Taken("scored", self._file_scored(ident, sha, case, result, figure))
+
+    def _figure(
+        self, ident: InboxCase, sha: str, scorer: OnlineScorer, result: CaseResult
+    ) -> dict[str, str]:
+        """Draw the case's QC figure where ``figures`` asks for one: ``{"figure": path}``, or
+        ``{"figure_error": why}``; a full disk is raised (intake pauses), nothing else is."""
+        if not wants_figure(self.figures, result.ood):
+            return {}
+        path = self.out / "figures" / f"{_case_id(ident.path, sha)}.png"
+        try:
+            atomic.write_bytes(path, scorer.figure_png(result))
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            return {"figure_error": str(exc)}
+        except Exception as exc:  # the case counts more than its picture
+            log.warning("%s: no figure (%s)", shown_name(ident.path), exc)
+            return {"figure_error": str(exc)}
+        return {"figure": str(path)}
 
     def _header_problem(self, path: Path, view: str) -> str | None:
         """Why the file cannot be taken, judged from its first bytes against the limits of
@@ -131,7 +162,12 @@ class Intake:
         return None
 
     def _file_scored(
-        self, ident: InboxCase, sha: str, case: Case, result: CaseResult
+        self,
+        ident: InboxCase,
+        sha: str,
+        case: Case,
+        result: CaseResult,
+        figure: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Write the mask, record and ledger entry of a scored case, move its input in and
         broadcast it; returns its ledger entry."""
@@ -139,7 +175,7 @@ class Intake:
 
         path, view = ident.path, ident.view
         seq = self.ledger.seq + 1
-        case_id = f"{_SAFE.sub('_', stem_of(path.name))[:80]}-{sha[:10]}"
+        case_id = _case_id(path, sha)
         phase_file = ident.phase if ident.phase in ("ED", "ES") else "ED"
         ext = nifti_suffix(path.name) or ".nii.gz"
         processed = f"processed/{view}/{seq:06d}/{seq:06d}_{view}_{phase_file}{ext}"
@@ -156,6 +192,7 @@ class Intake:
                 "processed": processed,
                 "mask": str(mask),
                 "scored_at": utc_now(),
+                **(figure or {}),
             }
         )
         entry = self.ledger.add_case(record)
@@ -234,6 +271,11 @@ class Intake:
         self._pm.emit(CaseFailed(stage, reason, shown_name(path), view, service=self.service))
         log.warning("%s: rejected (%s): %s", shown_name(path), stage, reason)
         return "rejected"
+
+
+def _case_id(path: Path, sha: str) -> str:
+    """The case's id in the output folder: its file's stem (made safe) and its hash prefix."""
+    return f"{_SAFE.sub('_', stem_of(path.name))[:80]}-{sha[:10]}"
 
 
 def shown_name(path: Path) -> str:

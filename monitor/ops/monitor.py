@@ -91,6 +91,8 @@ class Monitor:
         clock: wall clock in seconds (injectable for tests).
         disk_pause_s: how long intake pauses when the disk is full (files stay in the inbox).
         webhook_secret: serve the Alertmanager webhook with this bearer secret (``None``: off).
+        figures: which scored cases get a QC figure in ``OUT/figures/`` (``flagged``, ``all``,
+            ``none``; none without matplotlib).
 
     The HTTP app (:mod:`~qcloop.monitor.ops.http_app`: ``/healthz``, the webhook, an exporter's
     ``/metrics``) listens on ``monitoring.http_host:http_port`` from construction to
@@ -117,6 +119,7 @@ class Monitor:
         clock: Callable[[], float] = time.time,
         disk_pause_s: float = 30.0,
         webhook_secret: str | None = None,
+        figures: str = "flagged",
     ) -> None:
         if not champions:
             raise ValueError("the monitor needs at least one champion model")
@@ -130,11 +133,10 @@ class Monitor:
         self._stop, self._last_reload = threading.Event(), clock()
         self._scorers: dict[tuple[str, str, str], OnlineScorer] = {}
         self.disk_pause_s, self._paused_until = float(disk_pause_s), float("-inf")
-        #: inbox files that could not even be moved aside (skipped until a restart)
-        self._stuck: set[Path] = set()
+        self._stuck: set[Path] = set()  # files that could not even be moved aside: skipped
         self.views: dict[str, ServedView] = {}
-        self.inbox.mkdir(parents=True, exist_ok=True)
-        self.out.mkdir(parents=True, exist_ok=True)
+        for folder in (self.inbox, self.out):
+            folder.mkdir(parents=True, exist_ok=True)
         self._out_lock: OutLock | None = OutLock(self.out)  # OutFolderBusy: another monitor
         self.watcher = InboxWatcher(self.inbox, settle_s)
         self._http: HttpEndpoint | None = None
@@ -148,7 +150,7 @@ class Monitor:
         pm.service_started(self.service)
         try:
             self.ledger = Ledger(self.out)
-            self.intake = Intake(self.out, self.ledger, pm, self.service.id, self._limits)
+            self.intake = Intake(self.out, self.ledger, pm, self.service.id, self._limits, figures)
             self.windows = ViewWindows(cfg.monitoring.window, pm=pm, service=self.service.id)
             self.alerts = AlertPolicy(
                 DriftLimits.from_config(cfg.monitoring),

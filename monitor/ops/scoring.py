@@ -41,6 +41,10 @@ class CaseResult:
     labels: np.ndarray
     scored: ScoredCase
     timings_s: dict[str, float] = field(default_factory=dict)
+    #: the prepared image ``(Z, S, S)`` and the selected softmax maps ``(Z, C, S, S)`` on the
+    #: run's grid (references, no copies), for :meth:`OnlineScorer.figure_png`.
+    prepared_image: np.ndarray | None = None
+    selected: np.ndarray | None = None
 
     @property
     def ood(self) -> bool:
@@ -138,7 +142,19 @@ class OnlineScorer:
         record["runtime"] = {"name": self.runtime.name, "providers": self.runtime.providers()}
         record["model"] = self.model_info
         record["latency_s"] = timings["total"]
-        return CaseResult(record=record, labels=labels, scored=scored, timings_s=timings)
+        return CaseResult(record, labels, scored, timings, prepared.image, selected)
+
+    def figure_png(self, result: CaseResult) -> bytes:
+        """The case's QC figure (:mod:`~qcloop.monitor.report.case_figure`) as PNG bytes: one
+        more QC reconstruction, of the selected maps; needs the ``report`` extra."""
+        from qcloop.monitor.report.case_figure import case_figure_png
+
+        if result.prepared_image is None or result.selected is None:
+            raise ValueError("the result keeps no prepared image: it cannot be drawn")
+        recon = reconstruct_posed(self.runtime.reconstruct, result.selected, self.pose)
+        return case_figure_png(
+            result.prepared_image, result.selected.argmax(1), recon.argmax(1), result.record
+        )
 
 
 def load_online_scorers(

@@ -206,7 +206,7 @@ def test_view_from_form_field_and_one_time_mask_link(live: LiveServer, tiny_coho
     with live.client() as client:
         response = client.post(
             "/v1/segment",
-            params={"mask": "link"},
+            params={"mask": "link", "figure": "1"},
             headers=AUTH,
             files={"file": ("scan.nii.gz", path.read_bytes())},
             data={"view": "SA", "phase": "ES"},
@@ -214,6 +214,9 @@ def test_view_from_form_field_and_one_time_mask_link(live: LiveServer, tiny_coho
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["record"]["view"] == "SA" and body["record"]["phase"] == "ES"
+        # ?figure=1: the case's QC figure, a PNG, inline
+        assert body["figure"]["media_type"] == "image/png"
+        assert base64.b64decode(body["figure"]["base64"])[:8] == b"\x89PNG\r\n\x1a\n"
         url = body["mask"]["url"]
         assert body["mask"]["kind"] == "link" and body["mask"]["expires_in_s"] > 0
         assert client.get(url).status_code == 401  # the link needs the key too

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.util
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -21,6 +22,7 @@ from qcloop.deploy.serve.schemas import (
     TOKEN_PATTERN,
     ErrorResponse,
     HealthResponse,
+    InlineFigure,
     InlineMask,
     LinkMask,
     ModelsResponse,
@@ -111,9 +113,16 @@ async def segment(
         Literal["inline", "link"],
         Query(description="inline: the mask as base64 NIfTI; link: a one-time URL."),
     ] = "inline",
+    figure: Annotated[
+        bool,
+        Query(description="Also return the case's QC figure (PNG; needs the report extra)."),
+    ] = False,
 ) -> SegmentResponse:
-    """Segment one NIfTI volume, run QC and selection; the QC record and the mask."""
+    """Segment one NIfTI volume, run QC and selection; the QC record, the mask and, with
+    ``?figure=1``, the QC figure."""
     service = _service(request)
+    if figure and importlib.util.find_spec("matplotlib") is None:
+        raise HTTPException(501, "?figure=1 needs matplotlib: pip install 'qcloop[report]'")
     serving = service.cfg.serving
     too_large = f"upload larger than {serving.max_upload_mb:g} MB (serving.max_upload_mb)"
     max_body = int(serving.max_upload_mb * 1024 * 1024)
@@ -134,8 +143,8 @@ async def segment(
         view, phase = view_and_phase(form, upload.filename, bundle.scorers)
         request_id = uuid.uuid4().hex
         name = client_name(upload.filename)
-        record, payload = await limiter.run(
-            lambda: service.process(bundle, upload, view, phase, request_id, name)
+        record, payload, png = await limiter.run(
+            lambda: service.process(bundle, upload, view, phase, request_id, name, figure)
         )
     except UploadProblem as exc:
         raise HTTPException(exc.status, exc.reason) from exc
@@ -143,7 +152,10 @@ async def segment(
         limiter.release()
         await form.close()
     return SegmentResponse(
-        request_id=request_id, record=record, mask=_mask(request, service, payload, mask)
+        request_id=request_id,
+        record=record,
+        mask=_mask(request, service, payload, mask),
+        figure=None if png is None else InlineFigure(base64=base64.b64encode(png).decode()),
     )
 
 
@@ -200,7 +212,7 @@ def add_routes(app: FastAPI) -> None:
         dependencies=_PROTECTED,
         openapi_extra=SEGMENT_BODY,
         responses={
-            **error_responses(400, 401, 403, 408, 413, 415, 422, 429, 503),
+            **error_responses(400, 401, 403, 408, 413, 415, 422, 429, 501, 503),
             429: {
                 "model": ErrorResponse,
                 "headers": {"Retry-After": {"schema": {"type": "integer"}}},

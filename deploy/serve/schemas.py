@@ -13,6 +13,7 @@ __all__ = [
     "TOKEN_PATTERN",
     "ErrorResponse",
     "HealthResponse",
+    "InlineFigure",
     "InlineMask",
     "LinkMask",
     "ModelsResponse",
@@ -43,6 +44,15 @@ class InlineMask(BaseModel):
     base64: str
 
 
+class InlineFigure(BaseModel):
+    """The case's QC figure (image, prediction, QC reconstruction, disagreement) as a
+    base64-encoded PNG."""
+
+    filename: str = "qc-figure.png"
+    media_type: Literal["image/png"] = "image/png"
+    base64: str
+
+
 class LinkMask(BaseModel):
     """A one-time URL to fetch the mask (``GET``, with the API key), valid ``expires_in_s``."""
 
@@ -60,6 +70,9 @@ class SegmentResponse(BaseModel):
         "versions, runtime and providers, latency."
     )
     mask: InlineMask | LinkMask = Field(discriminator="kind")
+    figure: InlineFigure | None = Field(
+        default=None, description="The QC figure, with ?figure=1 (null otherwise)."
+    )
 
 
 class HealthResponse(BaseModel):

@@ -179,12 +179,14 @@ class ServeService:
         phase: str,
         request_id: str,
         client_name: str | None,
-    ) -> tuple[dict[str, Any], bytes]:
+        figure: bool = False,
+    ) -> tuple[dict[str, Any], bytes, bytes | None]:
         """Check, load, score and encode one upload (runs in a worker thread); the case's QC
-        record and its mask (gzipped NIfTI)."""
+        record, its mask (gzipped NIfTI) and, with ``figure``, its QC figure (PNG)."""
         start = time.perf_counter()
         scorer = bundle.scorers[view]
         summary, result, payload = self._segment(upload, scorer, view, phase, request_id)
+        png = scorer.figure_png(result) if figure else None
         record = dict(result.record)
         record["image"] = client_name
         record["request"] = {
@@ -198,7 +200,7 @@ class ServeService:
         self.events.emit(CaseScored(record))
         if pdc is not None:
             self.windows.add(view, bool(record.get("ood")), pdc)
-        return record, payload
+        return record, payload, png
 
     def close(self) -> None:
         """Finish running jobs, then remove the temporary folder."""

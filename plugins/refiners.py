@@ -23,6 +23,7 @@ import numpy as np
 
 from qcloop.monitor import hookimpl
 from qcloop.monitor.core.hookspecs import Register
+from qcloop.monitor.core.progress import EpochBar
 from qcloop.monitor.core.slices import FlaggedSet, SliceSet
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -87,6 +88,7 @@ class AlphaRefiner:
         x_u_all = torch.from_numpy(flagged.slices())
         case_sizes = [len(image) for image in flagged.images]
         history["stopped"] = "k_semi reached"
+        bar = EpochBar("refining (alpha)", self.k_semi)  # the loop logs its own lines
         for k in range(1, self.k_semi + 1):
             alpha = 1.0 / k
             # pseudo labels R(M(x)) of every flagged slice, from the model as it starts the epoch
@@ -112,6 +114,7 @@ class AlphaRefiner:
             }
             metrics = {"refine_loss": record["loss"], "refine_ood": float(remaining)}
             _close_epoch(history, record, log_metrics, metrics, k)
+            bar.update({"loss": record["loss"], "still OoD": remaining})
             log.info(
                 "alpha refinement epoch %d: loss %.4f, %d case(s) still OoD, %d case(s) left "
                 "out (pseudo label misses a structure)",
@@ -123,6 +126,7 @@ class AlphaRefiner:
             if remaining == 0:
                 history["stopped"] = "no OoD case left"
                 break
+        bar.close()
         model.eval()
         return history
 
@@ -215,6 +219,7 @@ class BlendRefiner:
         tuning = _Tuning.start(model, labeled, self.seed, self.lr, num_classes=4)
         cases = [torch.from_numpy(im[:, None].astype(np.float32)) for im in flagged.images]
         p_best = [torch.from_numpy(p.astype(np.float32)) for p in flagged.selected]
+        bar = EpochBar("refining (blend)", self.epochs, logger=log)
         for epoch in range(self.epochs):
             t = epoch / self.epochs
             sup_losses = self._supervised_epoch(model, tuning)
@@ -230,6 +235,8 @@ class BlendRefiner:
             }
             metrics = {"refine_ood_loss": record["ood_loss"], "refine_ood": float(remaining)}
             _close_epoch(history, record, log_metrics, metrics, epoch)
+            bar.update({"loss": record["ood_loss"], "still OoD": remaining})
+        bar.close()
         history["stopped"] = "epochs done"
         model.eval()
         return history

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from qcloop.monitor.core import atomic
+from qcloop.monitor.core.progress import EpochBar
 from qcloop.monitor.core.slices import SliceSet
 from qcloop.monitor.method.augment import augment_batch
 from qcloop.monitor.method.losses import SupervisedLoss
@@ -195,6 +196,8 @@ def train_segmenter(
     if resume and last_path.exists():
         run.resume(model, last_path)
     trainer = _EpochTrainer(model, train, settings, run)
+    what = f"training {(model_meta or {}).get('view', 'segmenter')}"
+    bar = EpochBar(what, settings.epochs, run.start_epoch, log)
     for epoch in range(run.start_epoch, settings.epochs):
         t0 = time.perf_counter()
         record = {"epoch": float(epoch), "train_loss": trainer.train_epoch()}
@@ -207,13 +210,14 @@ def train_segmenter(
             run.kept, dropped = _keep_best(model, run.kept, score, epoch, out, pool, model_meta)
         record["seconds"] = time.perf_counter() - t0
         run.history.append(record)
-        _log_epoch(record, epoch, settings.epochs)
+        bar.update(_shown(record))
         run.save(model, epoch, last_path)
         # only now that last.pt no longer names them may dropped checkpoints go
         for stale in dropped:
             (out / stale.path).unlink(missing_ok=True)
         if log_metrics is not None:
             log_metrics({k: v for k, v in record.items() if k != "epoch"}, epoch)
+    bar.close()
     chosen = spread_candidates(run.kept, settings.m_best, settings.checkpoint_gap)
     for stale in run.kept:
         if stale not in chosen:
@@ -264,15 +268,13 @@ class _EpochTrainer:
         return float(np.mean(losses)) if losses else 0.0
 
 
-def _log_epoch(record: dict[str, float], epoch: int, epochs: int) -> None:
-    log.info(
-        "epoch %d/%d loss %.4f%s (%.1f s)",
-        epoch + 1,
-        epochs,
-        record["train_loss"],
-        f" val Dice {record['val_dice']:.4f}" if "val_dice" in record else "",
-        record["seconds"],
-    )
+def _shown(record: dict[str, float]) -> dict[str, float]:
+    """What an epoch's progress shows: its loss, validation Dice (when validated), seconds."""
+    shown = {"loss": record["train_loss"]}
+    if "val_dice" in record:
+        shown["val Dice"] = record["val_dice"]
+    shown["s"] = record["seconds"]
+    return shown
 
 
 def _keep_best(

@@ -159,6 +159,12 @@ def test_demo_ablation_schema(tmp_path) -> None:
     md = (tmp_path / "demo" / "ablation.md").read_text()
     assert "| A | SA | RV |" in md
     assert (tmp_path / "demo" / "run" / "SA" / "candidates.json").exists()
+    # the demo folder makes a report page (qcloop report; the demo command writes it)
+    from qcloop.monitor.report.page import write_report
+
+    info = write_report(tmp_path / "demo", tmp_path / "demo" / "report.html")
+    page = (tmp_path / "demo" / "report.html").read_text()
+    assert info["bytes"] > 0 and 'id="plot-pdc-vs-dice"' in page and "<h2>Ablation</h2>" in page
 
 
 def test_assess_broadcasts_case_scored_events(trained, tmp_path) -> None:

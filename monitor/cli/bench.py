@@ -102,6 +102,33 @@ def inbox(run_dir: str, data: str, cases: int, bomb_mib: int) -> None:
     click.echo("hostile files: " + ", ".join(figures["hostile_files"]))
 
 
+@bench.command("report")
+@click.option(
+    "--cases",
+    "sizes",
+    type=click.IntRange(min=1),
+    multiple=True,
+    default=(1_000, 10_000),
+    show_default=True,
+    help="Record counts to build pages for (repeat the option).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def report(sizes: tuple[int, ...], as_json: bool) -> None:
+    """Size and build time of qcloop report pages for growing numbers of cases (synthetic
+    assess outputs: ground truth, fences, a figure per flagged case, a mask per case)."""
+    from qcloop.monitor.benchmarks.report import run_report_benchmark
+
+    figures = run_report_benchmark(tuple(sizes))
+    if as_json:
+        click.echo(json.dumps(figures, indent=2))
+        return
+    click.echo(f"{'cases':>8}{'MB':>8}{'seconds':>9}{'bytes/case':>12}")
+    for f in figures:
+        click.echo(
+            f"{f['cases']:>8}{f['bytes'] / 1e6:>8.2f}{f['seconds']:>9.2f}{f['bytes_per_case']:>12.0f}"
+        )
+
+
 @bench.command("drift")
 @click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option(

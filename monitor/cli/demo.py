@@ -55,3 +55,17 @@ def demo(
     )
     click.echo((out_dir / "ablation.md").read_text())
     click.echo(f"demo finished in {result['meta']['seconds']:.0f} s; results in {out_dir}")
+    _report(out_dir)
+
+
+def _report(out_dir: Path) -> None:
+    """The demo's report page (qcloop report), where matplotlib is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        click.echo("no report page: matplotlib is not installed (pip install 'qcloop[report]')")
+        return
+    from qcloop.monitor.report.page import write_report
+
+    info = write_report(out_dir, out_dir / "report.html")
+    click.echo(f"report: {info['path']}")

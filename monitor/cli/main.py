@@ -34,6 +34,7 @@ BUILTIN_COMMANDS: dict[str, str] = {
     "models": "models:models",
     "qc": "qc:qc",
     "calibrate": "calibrate:calibrate",
+    "report": "report:report",
 }
 
 

@@ -427,6 +427,14 @@ def _sample_events(service: str) -> list[Event]:
             service=service,
         ),
         events_module.ModelRefined("SA", "/tmp/run", {"cases": 12, "ood": 3}, service=service),
+        events_module.FeedbackReceived(
+            "SA",
+            "c-1",
+            {"RV": {"dice": 0.7, "hd_mm": 9.0, "pdc": 0.8}},
+            True,
+            True,
+            service=service,
+        ),
         events_module.ModelVersionRegistered("qcloop-SA", "4", {"parent": "3"}, service=service),
         events_module.ModelVersionPromoted("qcloop-SA", "4", "champion", "3", service=service),
         events_module.ModelsLoaded(

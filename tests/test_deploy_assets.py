@@ -17,6 +17,7 @@ from qcloop.monitor.core.events import (
     CaseFailed,
     CaseScored,
     DriftAlert,
+    FeedbackReceived,
     ModelRefined,
     ModelVersionPromoted,
     ModelVersionRegistered,
@@ -159,6 +160,9 @@ def _one_event_of_each_kind(service: str) -> list[object]:
         WindowChanged("SA", stats, 0.8, "case", model_version="1", service=service),
         DriftAlert("SA", "qcloop", ("x",), stats, 0.8, {"version": "1"}, "t", service=service),
         ModelRefined("SA", "run", {}, service=service),
+        FeedbackReceived(
+            "SA", "c-1", {"RV": {"dice": 0.7, "pdc": 0.8}}, True, True, service=service
+        ),
         ModelVersionRegistered("qcloop-SA", "1", {}, service=service),
         ModelVersionPromoted("qcloop-SA", "1", "champion", None, service=service),
     ]

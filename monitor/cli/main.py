@@ -35,6 +35,7 @@ BUILTIN_COMMANDS: dict[str, str] = {
     "qc": "qc:qc",
     "calibrate": "calibrate:calibrate",
     "report": "report:report",
+    "feedback": "feedback:feedback",
 }
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "CaseScored",
     "DriftAlert",
     "Event",
+    "FeedbackReceived",
     "ModelRefined",
     "ModelVersionPromoted",
     "ModelVersionRegistered",
@@ -207,6 +208,23 @@ class DriftAlert(Event):
     labels: dict[str, str] = field(default_factory=dict)
     service: str | None = None
     kind: ClassVar[str] = "drift_alert"
+
+
+@dataclass(frozen=True)
+class FeedbackReceived(Event):
+    """A corrected mask arrived for a scored case (``qcloop feedback``, or the monitor's
+    ``corrected/`` folder): the realised Dice/HD of the mask that was served, beside what QC
+    estimated for it, per structure (``{"RV": {"dice", "hd_mm", "pdc", "phd_mm"}, ...}``),
+    whether QC had flagged the case and whether it failed (decision structure's realised Dice
+    below 0.8)."""
+
+    view: str
+    case_id: str
+    scores: dict[str, dict[str, float]]
+    flagged: bool
+    failed: bool
+    service: str | None = None
+    kind: ClassVar[str] = "feedback_received"
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
         CaseFailed,
         CaseScored,
         DriftAlert,
+        FeedbackReceived,
         ModelRefined,
         ModelsLoaded,
         ModelVersionPromoted,
@@ -177,6 +178,15 @@ def on_drift_alert(event: DriftAlert) -> None:
     """A drift alert was raised (by the monitor's own policy or received from Alertmanager).
 
     :param event: what fired, the window it covers and the values against their limits.
+    """
+
+
+@hookspec
+def on_feedback_received(event: FeedbackReceived) -> None:
+    """Late ground truth: a corrected mask was matched to a scored case.
+
+    :param event: the case, its realised and estimated scores per structure, its flag and
+        whether it failed.
     """
 
 

@@ -46,6 +46,7 @@ from qcloop.monitor.core.plugin_manager import apply_plugin_settings
 from qcloop.monitor.data.nifti_header import HeaderLimits
 from qcloop.monitor.ops.alerts import AlertPolicy
 from qcloop.monitor.ops.drift import DriftLimits
+from qcloop.monitor.ops.feedback import take_corrections
 from qcloop.monitor.ops.http_app import monitor_app, open_endpoint, paths_served
 from qcloop.monitor.ops.inbox import InboxWatcher, sidecar_of
 from qcloop.monitor.ops.intake import Intake, shown_name
@@ -99,6 +100,8 @@ class Monitor:
     :meth:`close` (port 0: no endpoint); ``service.endpoints["http"]`` is its URL.
     """
 
+    _http: HttpEndpoint | None = None  # the HTTP endpoint while it serves
+
     def __init__(
         self,
         inbox: str | Path,
@@ -139,7 +142,7 @@ class Monitor:
             folder.mkdir(parents=True, exist_ok=True)
         self._out_lock: OutLock | None = OutLock(self.out)  # OutFolderBusy: another monitor
         self.watcher = InboxWatcher(self.inbox, settle_s)
-        self._http: HttpEndpoint | None = None
+        self.corrections = InboxWatcher(self.out / "corrected", settle_s)  # late ground truth
         self._webhook = webhook_secret is not None
         hook = (
             None if webhook_secret is None else AlertDispatcher(self.receive_alert, webhook_secret)
@@ -345,7 +348,12 @@ class Monitor:
             self.process_file(path)
             taken += 1
             self.run_pending()
-        return taken + len(others)
+        # late ground truth: corrected masks in OUT/corrected/ (ops/feedback.py)
+        return (
+            taken
+            + len(others)
+            + take_corrections(self.corrections, self.out, self.ledger, self.pm, self.service.id)
+        )
 
     def _open_http(self) -> None:
         """Serve the HTTP app where ``monitoring.http_port`` says (0: nowhere)."""

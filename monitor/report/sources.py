@@ -3,7 +3,8 @@ read into one list of case rows (and, for a monitor, its ledger events).
 
 A case row: ``id``, ``subject``, ``view``, ``phase``, ``vendor``, ``ood``, ``pdc`` and
 ``phd_mm`` (the decision structure's best values over candidates: what the fences judged),
-``true_dice`` (the served mask's, where ground truth exists), ``fences`` (``pdc_low``,
+``true_dice`` (the served mask's, where ground truth exists: a monitor's from the corrected
+masks of ``feedback`` events), ``fences`` (``pdc_low``,
 ``phd_high``), ``figure`` and ``mask`` (paths), ``seq`` and ``time`` (the monitor's order).
 """
 
@@ -127,6 +128,19 @@ def _ledger_events(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return events
 
 
+def _realised(rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
+    """Give each case a correction came for (a ``feedback`` event, the latest) its realised
+    Dice: estimated and realised side by side in the report."""
+    realised = {}
+    for e in events:
+        if e.get("event") == "feedback":
+            rv = (e.get("scores") or {}).get("RV") or {}
+            realised[e.get("case_id")] = _finite(rv.get("dice"))
+    for r in rows:
+        if r["id"] in realised:
+            r["true_dice"] = realised[r["id"]]
+
+
 def _need(folder: Path, *names: str) -> None:
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
@@ -150,6 +164,7 @@ def read_source(folder: str | Path) -> ReportSource:
         _need(folder, "records.jsonl")
         rows = [_record_row(r) for r in _read_jsonl(folder / "records.jsonl", warnings)]
         events = _ledger_events(_read_jsonl(folder / "ledger.jsonl", warnings))
+        _realised(rows, events)
         source = ReportSource(folder, "monitor", rows, events=events, warnings=warnings)
     elif (folder / "records.jsonl").is_file() or (folder / "summary.json").is_file():
         _need(folder, "records.jsonl", "summary.json")

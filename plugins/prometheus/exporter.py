@@ -31,6 +31,7 @@ from qcloop.monitor import (
     CaseFailed,
     CaseScored,
     DriftAlert,
+    FeedbackReceived,
     ModelRefined,
     ModelsLoaded,
     ModelVersionPromoted,
@@ -132,6 +133,12 @@ def on_window_changed(event: WindowChanged) -> None:
 def on_drift_alert(event: DriftAlert) -> None:
     """Count a drift alert."""
     _dispatch(event, "drift_alert")
+
+
+@hookimpl
+def on_feedback_received(event: FeedbackReceived) -> None:
+    """Observe the estimation error and count the flag confusion of a corrected case."""
+    _dispatch(event, "feedback_received")
 
 
 @hookimpl

@@ -30,6 +30,10 @@ qcloop_drift_alerts_total                 counter    view, source (drift alert)
 qcloop_refinements_total                  counter    view (refined)
 qcloop_model_versions_registered_total    counter    name (registered)
 qcloop_promotions_total                   counter    name, alias (promoted)
+qcloop_pdc_error                          histogram  view, structure: realised Dice minus pDC
+                                                     of a corrected case (feedback)
+qcloop_feedback_total                     counter    view, flagged, failed: the flag confusion
+                                                     counts of corrected cases (feedback)
 ========================================  =========  ==========================================
 
 Per structure, a case's pDC is its best value over candidates and its pHD its best (smallest)
@@ -47,6 +51,7 @@ from qcloop.monitor import (
     CaseFailed,
     CaseScored,
     DriftAlert,
+    FeedbackReceived,
     ModelRefined,
     ModelsLoaded,
     ModelVersionPromoted,
@@ -59,6 +64,8 @@ log = logging.getLogger(__name__)
 __all__ = ["QcMetrics"]
 
 PDC_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0)
+#: realised Dice minus pDC: negative where QC was optimistic.
+ERROR_BUCKETS = (-0.5, -0.3, -0.2, -0.1, -0.05, -0.02, 0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 PHD_BUCKETS_MM = (1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0, 100.0, 200.0)
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -163,7 +170,7 @@ class QcMetrics:
         )
 
     def _lifecycle_metrics(self) -> None:
-        from prometheus_client import Counter
+        from prometheus_client import Counter, Histogram
 
         r = self.registry
         self.alerts = Counter(
@@ -183,6 +190,19 @@ class QcMetrics:
         )
         self.promotions = Counter(
             "qcloop_promotions", "Aliases moved to a model version.", ["name", "alias"], registry=r
+        )
+        self.pdc_error = Histogram(
+            "qcloop_pdc_error",
+            "Realised Dice of a served mask (from its late correction) minus its pDC.",
+            ["view", "structure"],
+            buckets=ERROR_BUCKETS,
+            registry=r,
+        )
+        self.feedback = Counter(
+            "qcloop_feedback",
+            "Corrected cases by view, whether QC flagged them and whether they failed.",
+            ["view", "flagged", "failed"],
+            registry=r,
         )
 
     # ------------------------------------------------------------------ events
@@ -248,6 +268,14 @@ class QcMetrics:
     def drift_alert(self, event: DriftAlert) -> None:
         """Count a drift alert by view and source."""
         self.alerts.labels(event.view, event.source).inc()
+
+    def feedback_received(self, event: FeedbackReceived) -> None:
+        """A corrected case: its estimation error per structure and its flag confusion cell."""
+        for structure, v in event.scores.items():
+            if "pdc" in v and "dice" in v:
+                self.pdc_error.labels(event.view, structure).observe(v["dice"] - v["pdc"])
+        flagged, failed = str(event.flagged).lower(), str(event.failed).lower()
+        self.feedback.labels(event.view, flagged, failed).inc()
 
     def model_refined(self, event: ModelRefined) -> None:
         """Count a refinement of a view."""

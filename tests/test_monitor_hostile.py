@@ -5,10 +5,12 @@ pauses intake without rejecting anything."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -271,3 +273,84 @@ def test_the_http_endpoint_drops_silent_and_slow_clients_and_answers_health(
         assert reply.startswith(b"HTTP/1.1 408")
     finally:
         hook.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 4 MiB file system (tmpfs) at ``tmp_path/disk``; skipped where mounting is not
+    allowed (an unprivileged container)."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mount.stderr.strip() or mount.returncode}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_really_full_disk_pauses_intake_and_leaves_whole_lines(
+    run_copy: Path, tiny_cohort: Path, tmp_path: Path, small_disk: Path
+) -> None:
+    """OUT on a 4 MiB file system filled to the last byte: the monitor writes nothing torn,
+    rejects nothing, keeps the cases in the inbox, and scores them all once space is freed."""
+    inbox, out = tmp_path / "inbox", small_disk / "out"
+    fed = feed_inbox(inbox, tiny_cohort, "SA", {"A", "B"}, 4)
+    now = [1000.0]
+    mon = Monitor(
+        inbox, out, monitor_cfg(run_copy), champions_of(run_copy, ("SA",)), settle_s=0,
+        clock=lambda: now[0], disk_pause_s=30, figures="none",
+    )  # fmt: skip
+    filler = small_disk / "filler"
+    try:
+        with contextlib.suppress(OSError), open(filler, "wb") as fh:  # every free byte taken
+            while True:
+                fh.write(b"\0" * 4096)
+                fh.flush()
+        with contextlib.suppress(OSError), open(small_disk / "crumbs", "wb") as fh:
+            while True:
+                fh.write(b"\0")
+                fh.flush()
+        mon.step()
+        assert sorted(p.name for p in inbox.iterdir()) == sorted(p.name for p in fed)
+        assert not (out / "rejected").exists()
+        for log_file in (out / "records.jsonl", out / "ledger.jsonl"):
+            if log_file.exists():  # nothing torn: every line whole
+                text = log_file.read_text()
+                assert text == "" or text.endswith("\n")
+        filler.unlink()
+        now[0] += 31
+        mon.step()
+    finally:
+        mon.close()
+    assert sorted(r["source_file"] for r in read_records(out)) == sorted(p.name for p in fed)
+    assert not list(inbox.iterdir())
+    JsonlLog(out / "ledger.jsonl").read()  # readable: a restart would open it
+
+
+def test_an_append_cut_short_by_a_full_disk_leaves_no_torn_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record whose write fails halfway (ENOSPC after some bytes) is taken back, so the next
+    append does not follow a torn line (which would make the ledger unreadable)."""
+    log = JsonlLog(tmp_path / "records.jsonl")
+    log.append({"a": 1})
+    real_write = os.write
+
+    def half_then_full(fd: int, data: bytes) -> int:
+        if len(data) > 8:
+            real_write(fd, bytes(data[:8]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(OSError, match="No space"):
+        log.append({"b": "x" * 40})
+    monkeypatch.setattr(os, "write", real_write)
+    log.append({"c": 3})
+    assert JsonlLog(tmp_path / "records.jsonl").read() == [{"a": 1}, {"c": 3}]

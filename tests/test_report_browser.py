@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,9 @@ def test_plots_are_drawn_the_table_pages_and_sorts_offline(
     thumbs = page.locator("#cases img.thumb")
     assert thumbs.count() == 50
     thumbs.first.scroll_into_view_if_needed()
-    page.wait_for_function("document.querySelector('#cases img.thumb').complete")
+    deadline = time.monotonic() + 10  # (no wait_for_function: the page's CSP forbids eval)
+    while not any("/figures/" in u for u in requested) and time.monotonic() < deadline:
+        page.wait_for_timeout(50)
     # every case, not only the flagged ones
     page.uncheck("#flagged-only")
     assert page.locator("#page-info").text_content().startswith("240 case(s)")

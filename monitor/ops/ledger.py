@@ -11,6 +11,7 @@ leaves a record without an entry; :class:`Ledger` adds the entry when it opens.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -100,12 +101,19 @@ class JsonlLog:
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            start = os.fstat(fd).st_size
             try:
                 view = memoryview(line)
                 while view:
                     written = os.write(fd, view)
                     view = view[written:]
                 os.fsync(fd)
+            except BaseException:
+                # a write cut short (a full disk) leaves no torn line for the next append to
+                # follow: the file goes back to its last whole line
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                raise
             finally:
                 os.close(fd)
 

@@ -17,6 +17,7 @@ from qcloop.monitor import (
     CaseFailed,
     CaseScored,
     DriftAlert,
+    FeedbackReceived,
     ModelRefined,
     ModelsLoaded,
     ModelVersionPromoted,
@@ -80,6 +81,12 @@ def on_window_changed(event: WindowChanged) -> None:
 @hookimpl
 def on_drift_alert(event: DriftAlert) -> None:
     """Log a drift alert."""
+    EVENT_LOG.write(event)
+
+
+@hookimpl
+def on_feedback_received(event: FeedbackReceived) -> None:
+    """Log a corrected case's realised and estimated scores."""
     EVENT_LOG.write(event)
 
 

@@ -38,7 +38,8 @@ def main(demo: Path, out: Path) -> None:
     _png(plots.pdc_vs_dice(rows), out / "demo-pdc-vs-dice.png")
     _png(plots.roc(rows), out / "demo-roc.png")
     with tempfile.TemporaryDirectory() as tmp:
-        where = {"SUBJECT_CODE": [s for s, _, _ in CASES]}
+        # the CSV may write codes without their leading zeros (71 for folder 071)
+        where = {"SUBJECT_CODE": [c for s, _, _ in CASES for c in (s, s.lstrip("0"))]}
         assess_run(
             demo / "data", demo / "run", tmp, views=["SA"], where=where, figures="all",
             tracker=NullTracker(),  # a picture for the docs is not an assessment to track

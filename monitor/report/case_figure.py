@@ -12,6 +12,7 @@ matplotlib (the ``report`` extra, Agg backend, headless) is imported when a figu
 from __future__ import annotations
 
 import io
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -109,7 +110,8 @@ def _title(record: dict[str, Any]) -> str:
         for s in _STRUCTURES
         if s in scores
     ]
-    return f"{case or 'case'}: {', '.join(parts)}\n{flag_reason(record)}"
+    reason = textwrap.fill(flag_reason(record), 120, subsequent_indent="  ")
+    return f"{case or 'case'}: {', '.join(parts)}\n{reason}"
 
 
 #: The disagreement colour (magenta).
@@ -152,7 +154,9 @@ def case_figure_png(
     slices = disagreement_slices(prediction, reconstruction, max_slices)
     box = (slice(None), *_crop_box((prediction[slices] > 0) | (reconstruction[slices] > 0)))
     image, prediction, reconstruction = image[box], prediction[box], reconstruction[box]
-    fig = Figure(figsize=(8.8, 2.4 * len(slices) + 0.9), dpi=dpi)
+    title = _title(record)
+    head = 0.25 + 0.17 * title.count("\n")  # inches above the panels for the title's lines
+    fig = Figure(figsize=(8.8, 2.4 * len(slices) + 0.5 + head), dpi=dpi)
     axes = np.atleast_2d(fig.subplots(len(slices), 4))
     for row, z in enumerate(slices):
         differ = (prediction[z] != reconstruction[z]).astype(np.int64)
@@ -161,8 +165,8 @@ def case_figure_png(
         _overlay(axes[row, 1], image[z], prediction[z], "prediction")
         _overlay(axes[row, 2], image[z], reconstruction[z], "QC reconstruction")
         _overlay(axes[row, 3], image[z], differ, f"disagreement ({n} px)", _DIFFER)
-    fig.suptitle(_title(record), fontsize=8, ha="left", x=0.01)
-    top = 1 - 0.85 / fig.get_figheight()
+    fig.suptitle(title, fontsize=8, ha="left", x=0.01)
+    top = 1 - (head + 0.45) / fig.get_figheight()
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=top, wspace=0.04, hspace=0.16)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)

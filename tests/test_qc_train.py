@@ -113,12 +113,16 @@ def test_qc_train_trains_the_qc_module_that_train_does(tiny_cohort, tmp_path) ->
     perhaps with another thread count) can differ in its last bits."""
     tiny_run = tmp_path / "train-run"
     config = tmp_path / "train-config.yaml"
-    save_config(tiny_run_config(), config)
+    cfg = tiny_run_config()  # the segmenter only needs to exist: a few steps of it
+    cfg = cfg.model_copy(
+        update={"training": cfg.training.model_copy(update={"min_steps": 20, "epochs": 2})}
+    )
+    save_config(cfg, config)
     args = ["train", "--data", str(tiny_cohort), "--out", str(tiny_run), "--config", str(config)]
     result = CliRunner().invoke(cli, [*args, "--view", "SA"])
     assert result.exit_code == 0, result.output
     run = tmp_path / "qc-run"
-    result = qc_train_cli(tiny_cohort, run, tiny_run_config(), "--view", "SA")
+    result = qc_train_cli(tiny_cohort, run, cfg, "--view", "SA")
     assert result.exit_code == 0, result.output
     ours = torch.load(run / "SA" / "qc.pt", weights_only=True)
     theirs = torch.load(tiny_run / "SA" / "qc.pt", weights_only=True)

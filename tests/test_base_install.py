@@ -81,7 +81,14 @@ def test_base_install_trains_and_assesses(base_env: Path, tmp_path: Path) -> Non
     qcloop = str(base_env / "qcloop")
     data, run, out = tmp_path / "data", tmp_path / "run", tmp_path / "out"
     _run([qcloop, "phantoms", str(data), "--preset", "tiny", "--workers", "1"], tmp_path)
-    config = save_config(tiny_run_config(), tmp_path / "tiny.yaml")
+    cfg = tiny_run_config()  # the install is on trial, not the model: a few steps of each
+    cfg = cfg.model_copy(
+        update={
+            "training": cfg.training.model_copy(update={"min_steps": 20, "epochs": 2}),
+            "qc": cfg.qc.model_copy(update={"min_steps": 30, "epochs": 4}),
+        }
+    )
+    config = save_config(cfg, tmp_path / "tiny.yaml")
     train = [qcloop, "train", "--data", str(data), "--out", str(run), "--config", str(config)]
     _run([*train, "--view", "SA"], tmp_path)
     _run([qcloop, "assess", "--data", str(data), "--run", str(run), "--out", str(out)], tmp_path)

@@ -114,3 +114,49 @@ def test_the_feedback_command_refuses_a_busy_folder_and_reports_each_mask(
     assert f"{rec['case_id']} realised RV Dice" in result.output
     assert "x.nii.gz: refused: matches no scored case" in result.output
     assert len(_feedback_events(out)) == 1
+
+
+def test_the_monitors_refinement_anchors_on_the_corrected_cases_too(
+    run_copy: Path, tiny_cohort: Path, tmp_path: Path, plugin_env: pytest.MonkeyPatch
+) -> None:
+    """The default refinement of a monitor adds OUT/labelled (the corrected cases) to the
+    run's labelled data; a folder with no corrections yet adds nothing."""
+    from functools import partial
+
+    from qcloop.monitor.ops.refinement_job import RefinementJob, refine_window
+
+    out = tmp_path / "out"
+    labelled = out / "labelled" / "SA"
+    src = next(s for s in discover(tiny_cohort, views=["SA"]) if s.gt_path is not None)
+    (labelled / "000001").mkdir(parents=True)
+    for phase in ("ED", "ES"):  # one corrected subject, as feedback stores it
+        image = src.image_path.with_name(src.image_path.name.replace("_ED", f"_{phase}"))
+        gt = src.gt_path.with_name(src.gt_path.name.replace("_ED", f"_{phase}"))
+        shutil.copy2(image, labelled / "000001" / f"000001_SA_{phase}.nii.gz")
+        shutil.copy2(gt, labelled / "000001" / f"000001_SA_{phase}_gt.nii.gz")
+    (labelled / "dataset_information.csv").write_text(
+        "SUBJECT_CODE,DISEASE,VENDOR,SCANNER,FIELD,SPLIT,CASE_ID\n000001,,A,,,feedback,x\n"
+    )
+    job = RefinementJob(
+        out, None, monitor_cfg(run_copy), registry=None, refinement=None, refine_fn=None,
+        gate_fn=None, pm=None,
+    )  # type: ignore[arg-type]  # fmt: skip
+    assert isinstance(job._refine_fn, partial) and job._refine_fn.func is refine_window
+    assert job._refine_fn.keywords == {"extra_labelled": [out / "labelled"]}
+    window = tmp_path / "window"  # three subjects of vendor C: a small, shifted window
+    rows = (tiny_cohort / "dataset_information.csv").read_text().splitlines()
+    keep = [r for r in rows[1:] if ",C," in r][:3]
+    window.mkdir()
+    for row in keep:
+        code = row.split(",")[0]
+        shutil.copytree(tiny_cohort / code.zfill(3), window / code.zfill(3))
+    (window / "dataset_information.csv").write_text("\n".join([rows[0], *keep]) + "\n")
+    cfg = monitor_cfg(run_copy)
+    from qcloop.monitor.method.cases import labelled_sources
+    from qcloop.monitor.method.refine import default_labelled
+    from qcloop.monitor.method.run_folder import read_run_info
+
+    plain = labelled_sources(default_labelled(read_run_info(run_copy)), "SA", cfg.seed)
+    more = job._refine_fn(window, run_copy, tmp_path / "r1", "SA", cfg)
+    assert more["views"]["SA"]["labelled_cases"] == len(plain) + 2  # the corrected ED and ES
+    assert more["labelled"][1] == str((out / "labelled").resolve())

@@ -120,6 +120,23 @@ def sources_for(
     return [s for s in discover(data_dir, where=where) if s.view in set(views)]
 
 
+#: Labelled data for a refinement: one folder (its training split anchors the refinement), or
+#: a sequence whose first folder is split so and whose other folders (late ground truth, e.g.
+#: a monitor's ``OUT/labelled``) are used whole.
+Labelled = str | Path | Sequence[str | Path]
+
+
+def labelled_sources(labelled: Labelled, view: str, seed: int = 0) -> list[CaseSource]:
+    """The labelled cases of ``view`` a refinement anchors on (see :data:`Labelled`); an
+    extra folder that does not exist (yet) adds nothing."""
+    first, *extra = [labelled] if isinstance(labelled, (str, Path)) else list(labelled)
+    train, _ = split_labelled(sources_for(first, [view]), seed=seed)
+    for folder in extra:
+        if Path(folder).is_dir():
+            train += sources_for(folder, [view])
+    return train
+
+
 def restore_labels(item: PreparedCase, probs: np.ndarray) -> np.ndarray:
     """A network-grid softmax map restored to the original grid, as labels ``(X, Y, Z)``."""
     return item.prepared.transform.restore_probabilities(probs).argmax(-1).astype(np.uint8)

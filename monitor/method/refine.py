@@ -25,10 +25,11 @@ from qcloop.monitor.core.tracking import log_file, make_tracker
 from qcloop.monitor.method.assess import Assessed, assess_prepared, flag_collector, make_assessor
 from qcloop.monitor.method.assessment import Assessor
 from qcloop.monitor.method.cases import (
+    Labelled,
+    labelled_sources,
     load_prepared,
     make_preprocessor,
     sources_for,
-    split_labelled,
 )
 from qcloop.monitor.method.external import load_card_model
 from qcloop.monitor.method.qc_train import staged_folder
@@ -63,6 +64,7 @@ def refine_run(
     cfg: QcloopConfig | None = None,
     *,
     labelled_dir: str | Path | None = None,
+    extra_labelled: Sequence[str | Path] = (),
     views: Sequence[str] | None = None,
     where: dict[str, Any] | None = None,
     assessed_by_view: dict[str, tuple[int, list[Assessed]]] | None = None,
@@ -72,7 +74,9 @@ def refine_run(
     ``out_run`` beside (never over) ``run_dir``.
 
     ``assessed_by_view`` reuses assessments of ``data_dir`` already made with ``run_dir`` (see
-    :func:`refine_view`). With a tracker (``tracker``, else the configured one) this is one
+    :func:`refine_view`). The labelled anchor is the training split of ``labelled_dir`` (default:
+    the run's training data) plus every case of the ``extra_labelled`` folders that exist
+    (late ground truth: a monitor's ``OUT/labelled``). With a tracker (``tracker``, else the configured one) this is one
     tracked run with a nested run per view: the refiner's per-epoch loss and OoD count per
     candidate, OoD before and after, and ``run.json``."""
     run, out = Path(run_dir), Path(out_run)
@@ -83,6 +87,7 @@ def refine_run(
     views = [v for v in (views or run_views(run))]
     card_run = refuse_card_runs(run, parent, views)
     labelled_dir = labelled_dir or default_labelled(parent)
+    labelled = (labelled_dir, *(str(Path(d).resolve()) for d in extra_labelled if Path(d).is_dir()))
     info: dict[str, Any] = {
         "qcloop_version": __version__,
         "kind": "external" if card_run else "refined",
@@ -90,6 +95,7 @@ def refine_run(
         "data": parent.get("data"),
         "parent": str(run.resolve()),
         "refined_on": str(Path(data_dir).resolve()),
+        "labelled": [str(d) for d in labelled if d is not None],
         "views": {},
     }
     tracker = tracker if tracker is not None else make_tracker(cfg)
@@ -121,7 +127,7 @@ def refine_run(
                     stage,
                     cfg,
                     data_dir,
-                    labelled_dir,
+                    labelled,
                     where,
                     (assessed_by_view or {}).get(view),
                 )
@@ -199,7 +205,7 @@ def refine_view(
     out: Path,
     cfg: QcloopConfig,
     data_dir: str | Path,
-    labelled_dir: str | Path,
+    labelled_dir: Labelled,
     where: dict[str, Any] | None = None,
     assessed: tuple[int, list[Assessed]] | None = None,
 ) -> dict[str, Any]:
@@ -217,7 +223,7 @@ def refine_view(
         images=[a.item.prepared.image for a in flagged_items],
         selected=[a.probs[0] for a in flagged_items],
     )
-    train_src, _ = split_labelled(sources_for(labelled_dir, [view]), seed=cfg.seed)
+    train_src = labelled_sources(labelled_dir, view, cfg.seed)
     labelled = load_prepared(train_src, pre)
     slices = SliceSet.from_stacks(
         [c.prepared.image for c in labelled], [c.prepared.gt for c in labelled]
@@ -254,6 +260,7 @@ def refine_view(
         "cases": n_cases,
         "flagged": len(flagged_items),
         "refiner": rc.name,
+        "labelled_cases": len(train_src),
         "flagged_keys": [f"{a.item.case.key}" for a in flagged_items],
         "history": jsonable(histories),
     }

@@ -42,10 +42,10 @@ from qcloop.monitor.core.slices import FlaggedSet, SliceSet
 from qcloop.monitor.method.assess import Assessed, make_assessor
 from qcloop.monitor.method.calibrate import CARD_FILE, file_sha256
 from qcloop.monitor.method.cases import (
+    Labelled,
+    labelled_sources,
     load_prepared,
     make_preprocessor,
-    sources_for,
-    split_labelled,
 )
 from qcloop.monitor.method.external import CardPredictor
 from qcloop.monitor.method.refine import assess_window, count_still_ood
@@ -181,7 +181,7 @@ def refine_card_view(
     out: Path,
     cfg: QcloopConfig,
     data_dir: str | Path,
-    labelled_dir: str | Path,
+    labelled_dir: Labelled,
     where: dict[str, Any] | None = None,
     assessed: tuple[int, list[Assessed]] | None = None,
 ) -> dict[str, Any]:
@@ -249,7 +249,7 @@ def _labelled_slices(
 ) -> SliceSet:
     """The training split of the labelled cases, prepared as the card says (labels in qcloop's
     order)."""
-    train_src, _ = split_labelled(sources_for(labelled_dir, [view]), seed=cfg.seed)
+    train_src = labelled_sources(labelled_dir, view, cfg.seed)
     cases = [
         c for c in load_prepared(train_src, predictor.preprocessor) if c.prepared.gt is not None
     ]

@@ -22,7 +22,8 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,12 +51,21 @@ GateFn = Callable[..., dict[str, dict[str, Any]]]
 
 
 def refine_window(
-    window_dir: Path, run_dir: Path, out_run: Path, view: str, cfg: QcloopConfig
+    window_dir: Path,
+    run_dir: Path,
+    out_run: Path,
+    view: str,
+    cfg: QcloopConfig,
+    extra_labelled: Sequence[Path] = (),
 ) -> dict[str, Any]:
-    """The default :data:`RefineFn`: ``qcloop refine`` of one view on the window folder."""
+    """The default :data:`RefineFn`: ``qcloop refine`` of one view on the window folder,
+    anchored on the run's labelled data and the ``extra_labelled`` folders (the monitor's
+    corrected cases, ``OUT/labelled``)."""
     from qcloop.monitor.method.refine import refine_run
 
-    return refine_run(window_dir, run_dir, out_run, cfg, views=[view])
+    return refine_run(
+        window_dir, run_dir, out_run, cfg, views=[view], extra_labelled=extra_labelled
+    )
 
 
 def window_key(view: str, champion: ModelRef, cases: list[WindowCase]) -> str:
@@ -137,7 +147,9 @@ class RefinementJob:
         self.registry = registry
         self.refinement = refinement
         self.service = service
-        self._refine_fn = refine_fn or refine_window
+        # the default anchors on the run's labelled data and the cases corrected since
+        # (late ground truth, ops/feedback.py)
+        self._refine_fn = refine_fn or partial(refine_window, extra_labelled=[out / "labelled"])
         self._gate_fn = gate_fn or register_and_gate
         self._pm = pm
 

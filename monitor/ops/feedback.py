@@ -36,6 +36,7 @@ from qcloop.monitor.core.events import FeedbackReceived
 from qcloop.monitor.method.evaluation import FAILURE_DICE
 from qcloop.monitor.ops.files import link_or_copy, nifti_suffix, stem_of
 from qcloop.monitor.ops.ledger import Ledger, utc_now
+from qcloop.monitor.report.case_figure import served_scores
 
 __all__ = ["FeedbackOutcome", "file_correction", "take_corrections", "take_feedback"]
 
@@ -74,9 +75,8 @@ def _candidates(path: Path) -> list[str]:
 
 
 def _match(path: Path, ledger: Ledger) -> dict[str, Any] | None:
-    by_id = {e["case_id"]: e for e in ledger.done.values()}
     for name in _candidates(path):
-        entry = by_id.get(name) or ledger.done.get(name)
+        entry = ledger.by_case_id.get(name) or ledger.done.get(name)
         if entry is not None:
             return entry
     return None
@@ -104,22 +104,6 @@ def _load(path: Path, served: Path) -> tuple[np.ndarray, np.ndarray, tuple[float
         raise ValueError(f"labels outside 0..3: {sorted(values - {0, 1, 2, 3})}")
     spacing = tuple(float(z) for z in ref.header.get_zooms()[:3])
     return corrected.astype(np.uint8), np.asarray(ref.dataobj).astype(np.uint8), spacing
-
-
-def _estimated(record: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """The pDC/pHD QC gave the served mask: its selected candidate's, per structure."""
-    candidates = record.get("candidates") or [{}]
-    index = (record.get("selection") or {}).get("index")
-    chosen = candidates[index] if isinstance(index, int) and 0 <= index < len(candidates) else None
-    out = {}
-    for s in _STRUCTURES:
-        values = [c[s] for c in ([chosen] if chosen else candidates) if s in c]
-        if values:
-            out[s] = {
-                "pdc": max(v["pdc"] for v in values),
-                "phd_mm": min(v["phd_mm"] for v in values),
-            }
-    return out
 
 
 def _record(out: Path, case_id: str) -> dict[str, Any]:
@@ -169,7 +153,11 @@ def take_feedback(
     except (OSError, ValueError) as exc:
         return FeedbackOutcome(path, "refused", str(exc))
     realised = compute_metrics(served, corrected, spacing)
-    estimated = _estimated(record)
+    estimated = {
+        s: {"pdc": v["pdc"], "phd_mm": v["phd_mm"]}
+        for s, v in served_scores(record).items()
+        if s in _STRUCTURES
+    }
     scores = {
         s: {"dice": float(v.dice), "hd_mm": float(v.hd), **estimated.get(s, {})}
         for s, v in realised.items()

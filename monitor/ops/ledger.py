@@ -207,6 +207,8 @@ class Ledger:
         self.records = JsonlLog(Path(out) / "records.jsonl")
         self.events = JsonlLog(Path(out) / "ledger.jsonl")
         self.done: dict[str, dict[str, Any]] = {}
+        #: the same ``case`` entries by case id (late ground truth names cases so)
+        self.by_case_id: dict[str, dict[str, Any]] = {}
         #: ``rejected`` events by the input's content hash (to finish an interrupted move)
         self.rejected: dict[str, dict[str, Any]] = {}
         #: the last ``refinement`` event of each window id (a window is refined once)
@@ -234,6 +236,7 @@ class Ledger:
 
     def _remember(self, entry: dict[str, Any]) -> None:
         self.done[entry["sha256"]] = entry
+        self.by_case_id[entry["case_id"]] = entry
         self.seq = max(self.seq, int(entry["seq"]))
 
     def known(self, sha: str) -> dict[str, Any] | None:

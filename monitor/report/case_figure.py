@@ -71,14 +71,23 @@ def _crop_box(masks: np.ndarray, margin: float = 0.4, minimum: int = 32) -> tupl
     return box[0], box[1]
 
 
-def _selected_scores(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per structure, the scores of the selected candidate (the first when none is)."""
+def served_scores(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per structure, the scores QC gave the mask that was served: the selected candidate's,
+    else (an average of candidates, or no selection) the best over candidates (largest pDC,
+    smallest pHD), as the fences judge them."""
     candidates = record.get("candidates") or [{}]
-    selection = record.get("selection") or {}
-    index = selection.get("index")
-    if not isinstance(index, int) or not 0 <= index < len(candidates):
-        index = 0
-    return candidates[index]
+    index = (record.get("selection") or {}).get("index")
+    if isinstance(index, int) and 0 <= index < len(candidates):
+        return candidates[index]
+    out = {}
+    for s in {name for c in candidates for name in c}:
+        values = [c[s] for c in candidates if s in c]
+        out[s] = {
+            **values[0],
+            "pdc": max(v["pdc"] for v in values),
+            "phd_mm": min(v["phd_mm"] for v in values),
+        }
+    return out
 
 
 def flag_reason(record: dict[str, Any]) -> str:
@@ -104,7 +113,7 @@ def flag_reason(record: dict[str, Any]) -> str:
 
 def _title(record: dict[str, Any]) -> str:
     case = " ".join(str(record.get(k, "")) for k in ("subject", "view", "phase")).strip()
-    scores = _selected_scores(record)
+    scores = served_scores(record)
     parts = [
         f"{s} pDC {scores[s]['pdc']:.2f} pHD {scores[s]['phd_mm']:.1f} mm"
         for s in _STRUCTURES

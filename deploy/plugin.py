@@ -1,11 +1,11 @@
 """The deploy plugin: the ``onnxruntime`` runtime (models exported by ``qcloop export-onnx``), the
-``onnx`` model kind of model cards, and the commands ``serve``, ``export-onnx``,
+``ray`` engine of assess and predict, the ``onnx`` model kind of model cards, and the commands ``serve``, ``export-onnx``,
 ``export-triton``, ``bench inference`` and ``bench serve``.
 
 Loaded by name like any plugin (``qcloop.deploy.plugin`` in the built-in list), and blocked like
 any (``QCLOOP_BLOCK_PLUGINS=qcloop.deploy.plugin``: no runtime, no model kind, no commands).
 Importing it needs none of the optional extras: the runtime, the model kind and each command
-check theirs (``onnx``, ``serve``, ``triton``) when used, and say which to install.
+check theirs (``onnx``, ``serve``, ``triton``, ``ray``) when used, and say which to install.
 """
 
 from __future__ import annotations
@@ -48,6 +48,21 @@ def onnx_card_model(card: ModelCard) -> Any:
     from qcloop.deploy.onnx.card_model import load_onnx
 
     return load_onnx(card)
+
+
+def ray_engine(**params: Any) -> Any:
+    """The ``ray`` engine of assess and predict (parameters: ``address``, ``workers``,
+    ``num_gpus_per_worker``, ``batch_size``; see :class:`qcloop.deploy.scale.ray_engine.RayEngine`;
+    the ``ray`` extra)."""
+    from qcloop.deploy.scale.ray_engine import RayEngine
+
+    return RayEngine(**params)
+
+
+@hookimpl
+def register_engines(register: Register) -> None:
+    """Register the ``ray`` engine."""
+    register("ray", ray_engine)
 
 
 @hookimpl

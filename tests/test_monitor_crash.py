@@ -1,5 +1,5 @@
 """Exactly once under ``kill -9``: a real monitor process is killed by SIGKILL at each named
-crash point (``monitor/ops/crash_points.py``), then a fresh one runs on the same folders. No
+crash point (``monitor/core/crash_points.py``), then a fresh one runs on the same folders. No
 case may be lost or scored twice, no sidecar may be left in the inbox without its image, and a
 rejected file ends in ``rejected/`` with its sidecar."""
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from qcloop.monitor.data import discover
-from qcloop.monitor.ops.crash_points import POINTS
+from qcloop.monitor.core.crash_points import POINTS
 from qcloop.monitor.ops.ledger import JsonlLog
 
 pytestmark = pytest.mark.slow

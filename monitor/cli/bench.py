@@ -251,3 +251,12 @@ def _metrics_table(figures: dict[str, Any]) -> str:
     lines.append("median ms per mask pair; |d|: max |qcloop - MONAI| in mm over all structures.")
     lines.extend(f"- {note}" for note in figures["notes"])
     return "\n".join(lines)
+
+
+def _add_loop() -> None:
+    from qcloop.monitor.cli.bench_loop import loop
+
+    bench.add_command(loop)
+
+
+_add_loop()

@@ -168,6 +168,62 @@ def _predictions_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+_cases = click.option(
+    "--data",
+    "data_dir",
+    required=True,
+    help="The cases: a dataset folder (M&Ms-2, M&Ms-1 or ACDC layout), a CSV or Parquet case "
+    "list (columns image, view, [phase, frame, subject, gt, metadata...]) or a quoted glob of "
+    "image files inside a dataset folder.",
+)
+
+_engine = [
+    click.option(
+        "--engine",
+        default="local",
+        show_default=True,
+        help="Where the per-case work runs: local (this process) or ray (a Ray cluster; the ray "
+        "extra). Records are the same either way.",
+    ),
+    click.option("--address", help="Ray: the cluster to join (default: start a local one)."),
+    click.option("--workers", type=click.IntRange(min=1), help="Ray: actors per view."),
+    click.option(
+        "--num-gpus-per-worker",
+        type=click.FloatRange(min=0),
+        help="Ray: GPUs each actor reserves (its models run on CUDA).",
+    ),
+    click.option(
+        "--batch-size", type=click.IntRange(min=1), help="Ray: cases per actor call (default 8)."
+    ),
+]
+
+
+def _engine_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_engine):
+        f = option(f)
+    return f
+
+
+def _engine_args(
+    engine: str, address: str | None, workers: int | None, gpus: float | None, batch: int | None
+) -> dict[str, Any]:
+    """``engine`` and the parameters given for it (a usage error for an unknown engine)."""
+    from qcloop.monitor.core.plugin_manager import get_plugin_manager
+
+    names = get_plugin_manager().engines().names()
+    if engine not in names:
+        raise click.BadParameter(
+            f"{engine!r} is not one of {', '.join(names)}", param_hint="--engine"
+        )
+    params = {"address": address, "workers": workers, "num_gpus_per_worker": gpus}
+    params["batch_size"] = batch
+    given = {k: v for k, v in params.items() if v is not None}
+    if engine == "local" and given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise click.UsageError(f"{flags} apply to --engine ray only")
+    return {"engine": engine, "engine_params": given}
+
+
 _figures = click.option(
     "--figures",
     type=click.Choice(["flagged", "all", "none"]),
@@ -179,14 +235,15 @@ _figures = click.option(
 
 
 @click.command()
-@_data
+@_cases
 @_run_or_model_options
 @_out
 @_view
 @_predictions_options
 @_figures
+@_engine_options
 def assess(
-    data_dir: Path,
+    data_dir: str,
     run_dir: Path | None,
     model_spec: str | None,
     tracking_uri: str | None,
@@ -196,19 +253,28 @@ def assess(
     mapping_csv: Path | None,
     label_map: str | None,
     figures: str,
+    engine: str,
+    address: str | None,
+    workers: int | None,
+    num_gpus_per_worker: float | None,
+    batch_size: int | None,
 ) -> None:
     """Score every case with all candidates and the QC module: pDC/pHD, fences, OoD flags.
 
     With --predictions (or --predictions-map), score masks another tool already wrote with the
     run's QC module instead; no model runs. Writes one JSON record per case to
-    OUT/records.jsonl and OUT/summary.json.
+    OUT/records.jsonl and OUT/summary.json. With --engine ray the cases are scored on a Ray
+    cluster (docs/scale.md).
     """
+    run_engine = _engine_args(engine, address, workers, num_gpus_per_worker, batch_size)
     if masks is not None or mapping_csv is not None:
         if run_dir is None or model_spec is not None:
             raise click.UsageError("--predictions scores masks with a run's QC module: give --run")
         if figures != "none":
             raise click.UsageError("--figures draws the run's own predictions, not --predictions")
-        _assess_predictions(data_dir, run_dir, masks, mapping_csv, label_map, out_dir, view)
+        if engine != "local":
+            raise click.UsageError("--predictions runs on the local engine only")
+        _assess_predictions(Path(data_dir), run_dir, masks, mapping_csv, label_map, out_dir, view)
         return
     if label_map is not None:
         raise click.UsageError("--label-map describes the masks of --predictions")
@@ -218,7 +284,13 @@ def assess(
     _refuse_qc_only(run_dir)
     with _clear_errors():
         summary = assess_run(
-            data_dir, runs, out_dir, views=_views(view), model_info=info, figures=figures
+            data_dir,
+            runs,
+            out_dir,
+            views=_views(view),
+            model_info=info,
+            figures=figures,
+            **run_engine,
         )
     _print_summary(summary, out_dir)
 
@@ -287,23 +359,31 @@ def _refuse_qc_only(run_dir: Path | None) -> None:
 
 
 @click.command()
-@_data
+@_cases
 @_run_or_model_options
 @_out
 @_view
 @_figures
+@_engine_options
 def predict(
-    data_dir: Path,
+    data_dir: str,
     run_dir: Path | None,
     model_spec: str | None,
     tracking_uri: str | None,
     out_dir: Path,
     view: str,
     figures: str,
+    engine: str,
+    address: str | None,
+    workers: int | None,
+    num_gpus_per_worker: float | None,
+    batch_size: int | None,
 ) -> None:
-    """Write QC-selected masks (NIfTI, original grid, affine and header) and their records."""
+    """Write QC-selected masks (NIfTI, original grid, affine and header) and their records
+    (with --engine ray, written by the Ray workers: docs/scale.md)."""
     from qcloop.monitor.method.assess import assess_run
 
+    run_engine = _engine_args(engine, address, workers, num_gpus_per_worker, batch_size)
     runs, info = _models(run_dir, model_spec, tracking_uri)
     _refuse_qc_only(run_dir)
     with _clear_errors():
@@ -315,6 +395,7 @@ def predict(
             views=_views(view),
             model_info=info,
             figures=figures,
+            **run_engine,
         )
     _print_summary(summary, out_dir)
     click.echo(f"masks: {out_dir / 'masks'}")

@@ -93,6 +93,17 @@ def register_runtimes(register: Register) -> None:
 
 
 @hookspec
+def register_engines(register: Register) -> None:
+    """Register batch engines for ``assess`` and ``predict``: ``register("ray", factory)``.
+
+    :param register: call ``register(name, factory)``; ``factory(**params)`` returns an
+        :class:`~qcloop.monitor.core.interfaces.Engine` (``--engine NAME`` picks it; ``params``
+        are the command's ``--address``, ``--workers``, ``--num-gpus-per-worker`` and
+        ``--batch-size``).
+    """
+
+
+@hookspec
 def register_model_kinds(register: Register) -> None:
     """Register model-card loaders per model kind: ``register("onnx", loader)``.
 

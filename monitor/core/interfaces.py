@@ -7,7 +7,7 @@ registry), then calls it as a plain object: nothing below is dispatched through 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -312,3 +312,27 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Runs the per-case work of ``assess`` and ``predict`` over many cases: in this process
+    (``local``) or spread over workers (``ray``). A factory is called as ``factory(**params)``
+    (``address``, ``workers``, ``num_gpus_per_worker``, ``batch_size`` from the command line).
+
+    Every worker scores with ``qcloop.monitor.method.case_worker.ViewScorer``, so records are
+    the same whatever the engine. Used as a context manager: a cluster the engine started is
+    stopped on exit.
+    """
+
+    #: the registered name (``"local"``, ``"ray"``).
+    name: str
+
+    def outcomes(self, job: Any, sources: Sequence[Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+        """One outcome per source, in the sources' order: ``("record", record)`` or
+        ``("skipped", {"path", "reason"})``; ``job`` is a ``ViewJob``, sources ``CaseSource``."""
+        ...
+
+    def __enter__(self) -> Engine: ...
+
+    def __exit__(self, *exc: object) -> None: ...

@@ -20,6 +20,7 @@ EXTRAS: dict[str, str] = {
     "serve": "the HTTP service (FastAPI, python-multipart)",
     "triton": "Triton model repositories",
     "report": "figures (matplotlib)",
+    "ray": "the Ray engine of assess and predict (Ray Data)",
 }
 
 

@@ -69,6 +69,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "qcloop.plugins.thresholds",
     "qcloop.plugins.refiners",
     "qcloop.monitor.ops.torch_runtime",
+    "qcloop.monitor.method.engines",
     "qcloop.plugins.mlflow.plugin",
     "qcloop.plugins.prometheus.exporter",
     "qcloop.deploy.plugin",
@@ -81,6 +82,7 @@ COMPONENT_KINDS: dict[str, tuple[str, str]] = {
     "threshold_strategies": ("register_threshold_strategies", "threshold strategy"),
     "refiners": ("register_refiners", "refiner"),
     "runtimes": ("register_runtimes", "runtime"),
+    "engines": ("register_engines", "engine"),
     "model_kinds": ("register_model_kinds", "model kind"),
     "model_registries": ("register_model_registries", "model registry"),
     "trackers": ("register_trackers", "tracker"),
@@ -330,6 +332,10 @@ class QcloopPluginManager(pluggy.PluginManager):
     def runtimes(self) -> ComponentRegistry:
         """Registered inference runtimes."""
         return self.registry("runtimes")
+
+    def engines(self) -> ComponentRegistry:
+        """Registered batch engines of assess and predict (``local``, ``ray``)."""
+        return self.registry("engines")
 
     def model_kinds(self) -> ComponentRegistry:
         """Registered model-card loaders, by model kind (``onnx``, ``torch``...)."""

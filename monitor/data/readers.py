@@ -31,7 +31,7 @@ from pathlib import Path
 
 from qcloop.monitor.data.case import CaseError, CaseSource
 
-__all__ = ["ACDC_LABELS", "LAYOUTS", "detect_layout", "discover"]
+__all__ = ["ACDC_LABELS", "LAYOUTS", "detect_layout", "discover", "filter_sources"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def discover(
     if not sources:
         raise CaseError(folder, f"no {name} cases found in this folder")
     found = len(sources)
-    sources = _filter(sources, views, phases, where)
+    sources = filter_sources(sources, views, phases, where)
     if not sources:
         logger.warning("%s: none of the %d %s cases passes the filters", folder, found, name)
     return sorted(sources, key=lambda s: (s.subject, s.view, s.phase))
@@ -324,7 +324,7 @@ def _dedupe(sources: list[CaseSource]) -> list[CaseSource]:
     return list(seen.values())
 
 
-def _filter(
+def filter_sources(
     sources: list[CaseSource],
     views: Iterable[str] | None,
     phases: Iterable[str] | None,

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +19,16 @@ from qcloop.monitor.core.optional import require
 from qcloop.monitor.core.progress import progress
 from qcloop.monitor.core.resolve import build_threshold_strategy
 from qcloop.monitor.core.tracking import log_file, make_tracker
-from qcloop.monitor.data import CaseError, discover
+from qcloop.monitor.data import CaseError, CaseSource
 from qcloop.monitor.method.assessment import Assessor, ScoredCase, fit_population_fences
-from qcloop.monitor.method.cases import (
-    PreparedCase,
-    compute_true,
-    load_prepared,
-    make_preprocessor,
-    restore_labels,
+from qcloop.monitor.method.case_worker import (
+    Assessed,
+    Outcome,
+    ViewJob,
+    case_record,
+    selected_map,
 )
+from qcloop.monitor.method.cases import PreparedCase, load_prepared, make_preprocessor
 from qcloop.monitor.method.run_folder import (
     ModelSet,
     RunError,
@@ -37,7 +37,7 @@ from qcloop.monitor.method.run_folder import (
     load_run_config,
     run_views,
 )
-from qcloop.monitor.report.case_figure import case_figure_png, wants_figure
+from qcloop.monitor.report.case_figure import wants_figure
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +51,6 @@ def make_assessor(model_set: ModelSet, cfg: QcloopConfig) -> Assessor:
         voxel_units=a.hd_units == "voxel",
         pose=configured_pose(cfg, model_set.pose, model_set.view),
     )
-
-
-@dataclass
-class Assessed:
-    """A scored and judged case, with its candidates' probabilities while they are needed."""
-
-    item: PreparedCase
-    scored: ScoredCase
-    probs: list[np.ndarray] = field(default_factory=list)
 
 
 CaseCallback = Callable[[Assessed], None]
@@ -132,15 +123,9 @@ def flag_collector(flagged: list[Assessed]) -> CaseCallback:
 
     def keep(a: Assessed) -> None:
         if a.scored.ood:
-            flagged.append(Assessed(a.item, a.scored, [_selected(a).astype(np.float32)]))
+            flagged.append(Assessed(a.item, a.scored, [selected_map(a).astype(np.float32)]))
 
     return keep
-
-
-def _selected(a: Assessed) -> np.ndarray:
-    from qcloop.monitor.method.assessment import selected_probabilities
-
-    return selected_probabilities(a.scored, a.probs)
 
 
 def assess_run(
@@ -154,63 +139,102 @@ def assess_run(
     tracker: Tracker | None = None,
     model_info: Mapping[str, dict[str, Any]] | None = None,
     figures: str = "none",
+    engine: str = "local",
+    engine_params: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assess (and with ``write_masks`` predict) every case of ``data_dir`` with a run.
 
-    ``run_dir`` is one run folder, or a mapping view -> run folder (registered versions of
-    each view resolved from the registry live in separate folders); ``model_info`` adds a
-    ``model`` field (e.g. registered name and version) to each view's records.
+    ``data_dir`` is a dataset folder, a CSV/Parquet case list or a glob
+    (:func:`~qcloop.monitor.data.case_list.find_cases`). ``run_dir`` is one run folder, or a
+    mapping view -> run folder (registered versions of each view resolved from the registry
+    live in separate folders); ``model_info`` adds a ``model`` field (e.g. registered name and
+    version) to each view's records. ``engine`` names the registered engine doing the per-case
+    work (``local``, ``ray``; built with ``engine_params``); records are the same either way.
 
-    Writes ``out_dir/records.jsonl`` (one JSON record per case, in case order) and
-    ``out_dir/summary.json``; with ``write_masks`` the QC-selected masks go to
-    ``out_dir/masks/<subject>_<view>_<phase>_pred.nii.gz`` on the original grid with the
-    original affine and header. Bad cases are reported in the summary and skipped. ``figures``
-    (``flagged``, ``all``, ``none``) picks the cases whose QC figure
+    Writes ``out_dir/records.jsonl`` (one JSON record per case, in case order, streamed to a
+    temporary file renamed when complete) and ``out_dir/summary.json``; with ``write_masks``
+    the QC-selected masks go to ``out_dir/masks/<subject>_<view>_<phase>_pred.nii.gz`` on the
+    original grid with the original affine and header. Bad cases are reported in the summary
+    and skipped. ``figures`` (``flagged``, ``all``, ``none``) picks the cases whose QC figure
     (:mod:`~qcloop.monitor.report.case_figure`) goes to ``out_dir/figures/`` (record field
     ``figure``).
 
     With a tracker (``tracker``, else the run's configured one) the assessment is one tracked
     run: per view the case and OoD counts and the OoD fraction, and ``summary.json``.
     """
+    from qcloop.monitor.core.plugin_manager import get_plugin_manager
+    from qcloop.monitor.data.case_list import find_cases
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = _view_runs(run_dir, views)
     run = next(iter(runs.values()))
     cfg = load_run_config(run)
-    all_sources = discover(data_dir, where=where)
-    writer = _RecordWriter(out, write_masks, figures)
-    errors: list[CaseError] = []
+    all_sources = find_cases(data_dir, where=where)
+    _check_figures(figures)
+    factory = get_plugin_manager().engines()[engine].factory
+    sink = _RecordSink(out)
     per_view: dict[str, Any] = {}
-    for view, view_run in runs.items():
-        view_cfg = load_run_config(view_run) if view_run != run else cfg
-        model_set = load_model_set(view_run, view, view_cfg)
-        info = {"run": str(view_run.resolve()), **dict((model_info or {}).get(view, {}))}
-        pre = make_preprocessor(view_cfg, getattr(model_set.best, "divisor", 1))
-        cases = load_prepared([s for s in all_sources if s.view == view], pre, errors)
-        reconstruct = make_assessor(model_set, view_cfg).reconstruct
-        scored = assess_prepared(model_set, cases, view_cfg, writer.callback(info, reconstruct))
-        per_view[view] = {
-            "cases": len(scored),
-            "ood": sum(bool(s.ood) for s in scored),
-            "population": view_cfg.assessment.population,
-        }
-    records = writer.records
-    atomic.write_text(
-        out / "records.jsonl", "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
-    )
+    with sink, factory(**dict(engine_params or {})) as eng:
+        for view, view_run in runs.items():
+            view_cfg = load_run_config(view_run) if view_run != run else cfg
+            info = {"run": str(view_run.resolve()), **dict((model_info or {}).get(view, {}))}
+            job = ViewJob(view, view_run, out, info, write_masks, figures)
+            sources = [s for s in all_sources if s.view == view]
+            if view_cfg.assessment.population == "transductive" and eng.name != "local":
+                raise RunError(
+                    f"{view_run}: transductive fences need the whole population at once; "
+                    f"--engine {eng.name} judges case by case (use the local engine)"
+                )
+            if view_cfg.assessment.population == "transductive":
+                outcomes = _transductive_outcomes(job, sources, view_cfg)
+            else:
+                outcomes = eng.outcomes(job, sources)
+            per_view[view] = sink.add_view(outcomes, view_cfg.assessment.population)
+    for folder in ("masks", "figures"):  # what a killed worker left before its rename
+        atomic.remove_temporaries(out / folder)
     summary = {
         "run": str(run.resolve()),
         "runs": {v: str(r.resolve()) for v, r in runs.items()},
         "data": str(Path(data_dir).resolve()),
+        "engine": engine,
         "views": per_view,
-        "cases": len(records),
-        "ood": sum(bool(r.get("ood")) for r in records),
-        "skipped": [{"path": str(e.path), "reason": e.reason} for e in errors],
+        "cases": sink.cases,
+        "ood": sink.ood,
+        "skipped": sink.skipped,
     }
     atomic.write_json(out / "summary.json", summary)
     tracker = tracker if tracker is not None else make_tracker(cfg)
     _log_assessment(tracker, out, summary, write_masks)
     return summary
+
+
+def _check_figures(figures: str) -> None:
+    """A ``ValueError`` for an unknown figure choice, a missing extra for figures, before any
+    work."""
+    wants_figure(figures, None)
+    if figures != "none":
+        require("matplotlib", "report", "case figures (--figures)")
+
+
+def _transductive_outcomes(
+    job: ViewJob, sources: Sequence[CaseSource], cfg: QcloopConfig
+) -> Iterator[Outcome]:
+    """The outcomes of a view judged by fences fitted on its own population (all cases are
+    scored before the first is judged, so this runs in the local process only)."""
+    errors: list[CaseError] = []
+    model_set = load_model_set(job.run, job.view, cfg)
+    pre = make_preprocessor(cfg, getattr(model_set.best, "divisor", 1))
+    cases = load_prepared(sources, pre, errors)
+    reconstruct = make_assessor(model_set, cfg).reconstruct
+    records: list[dict[str, Any]] = []
+    assess_prepared(
+        model_set, cases, cfg, lambda a: records.append(case_record(a, job, reconstruct))
+    )
+    for e in errors:
+        yield "skipped", {"path": str(e.path), "reason": e.reason}
+    for rec in records:
+        yield "record", rec
 
 
 def _view_runs(
@@ -227,78 +251,44 @@ def _view_runs(
     return {v: one for v in (views or run_views(one))}
 
 
-class _RecordWriter:
-    """Turns assessed cases into records (with true scores where ground truth exists, and the
-    QC-selected mask written with ``write_masks``), and broadcasts each as ``CaseScored``."""
+class _RecordSink:
+    """Streams each view's outcomes to ``records.jsonl`` (a temporary file, renamed when the
+    last view is done) and broadcasts every record as ``CaseScored``; keeps counts, not
+    records."""
 
-    def __init__(self, out: Path, write_masks: bool, figures: str = "none") -> None:
+    def __init__(self, out: Path) -> None:
         from qcloop.monitor.core.plugin_manager import get_plugin_manager
 
-        wants_figure(figures, None)  # a ValueError for an unknown choice, before any work
-        if figures != "none":
-            require("matplotlib", "report", "case figures (--figures)")
-        self.out = out
-        self.write_masks = write_masks
-        self.figures = figures
-        self.records: list[dict[str, Any]] = []
+        self.path = out / "records.jsonl"
         self.pm = get_plugin_manager()
+        self.cases = 0
+        self.ood = 0
+        self.skipped: list[dict[str, str]] = []
 
-    def callback(
-        self, info: dict[str, Any], reconstruct: Callable[[np.ndarray], np.ndarray] | None = None
-    ) -> CaseCallback:
-        """The case callback of one view, whose records carry ``info`` as their ``model``;
-        ``reconstruct`` (the view's QC reconstruction) draws the case figures."""
+    def __enter__(self) -> _RecordSink:
+        self._paths = atomic.atomic_path(self.path)
+        self._file = self._paths.__enter__().open("w", encoding="utf-8")
+        return self
 
-        def emit(a: Assessed) -> None:
-            self.write(a, info, reconstruct)
+    def __exit__(self, *exc: Any) -> None:
+        self._file.close()
+        self._paths.__exit__(*exc)  # renamed into place only when no exception is passing
 
-        return emit
-
-    def _figure(
-        self, a: Assessed, rec: dict[str, Any], reconstruct: Callable[[np.ndarray], np.ndarray]
-    ) -> None:
-        """Draw the case's QC figure into ``figures/``; a failure is recorded, never raised."""
-        src = a.item.case.source
-        path = self.out / "figures" / f"{src.subject}_{src.view}_{src.phase}.png"
-        try:
-            selected = _selected(a)
-            recon = reconstruct(selected).argmax(1)
-            png = case_figure_png(a.item.prepared.image, selected.argmax(1), recon, rec)
-            atomic.write_bytes(path, png)
-        except Exception as exc:  # the record matters more than its picture
-            log.warning("%s: no figure (%s)", src.image_path, exc)
-            rec["figure_error"] = str(exc)
-            return
-        rec["figure"] = str(path)
-
-    def write(
-        self,
-        a: Assessed,
-        info: dict[str, Any],
-        reconstruct: Callable[[np.ndarray], np.ndarray] | None = None,
-    ) -> None:
-        """Record one assessed case (with its figure where asked) and broadcast it."""
-        from qcloop.monitor.data import save_label_map
-
-        rec = a.scored.to_record()
-        rec["model"] = info
-        labels = None
-        if a.item.case.gt is not None or self.write_masks:
-            labels = restore_labels(a.item, _selected(a))
-        if a.item.case.gt is not None:
-            rec["true_selected"] = {
-                s: {"dice": v.dice, "hd_mm": v.hd}
-                for s, v in compute_true(labels, a.item.case).items()
-            }
-        if self.write_masks:
-            src = a.item.case.source
-            path = self.out / "masks" / f"{src.subject}_{src.view}_{src.phase}_pred.nii.gz"
-            save_label_map(path, labels, a.item.case)
-            rec["mask"] = str(path)
-        if reconstruct is not None and wants_figure(self.figures, rec.get("ood")):
-            self._figure(a, rec, reconstruct)
-        self.records.append(rec)
-        self.pm.emit(CaseScored(rec))  # one broadcast per case, after the work is done
+    def add_view(self, outcomes: Iterable[Outcome], population: str) -> dict[str, Any]:
+        """Write a view's outcomes; its case and OoD counts."""
+        n = ood = 0
+        for kind, payload in outcomes:
+            if kind == "skipped":
+                self.skipped.append(payload)
+                continue
+            self._file.write(json.dumps(payload, allow_nan=False) + "\n")
+            n += 1
+            ood += bool(payload.get("ood"))
+            self.pm.emit(CaseScored(payload))  # one broadcast per case, after the work is done
+        self._file.flush()
+        self.cases += n
+        self.ood += ood
+        return {"cases": n, "ood": ood, "population": population}
 
 
 def _log_assessment(

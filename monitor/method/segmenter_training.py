@@ -86,7 +86,11 @@ def predict_probabilities(
     was_training = model.training
     model.eval()
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[:, None]
-    out = [torch.softmax(model(x[i : i + batch_size]), dim=1) for i in range(0, len(x), batch_size)]
+    device = next(model.parameters()).device  # a worker may have moved the model to a GPU
+    out = [
+        torch.softmax(model(x[i : i + batch_size].to(device)), dim=1).cpu()
+        for i in range(0, len(x), batch_size)
+    ]
     model.train(was_training)
     return torch.cat(out).numpy()
 

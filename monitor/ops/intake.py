@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from qcloop.monitor.core import atomic
 from qcloop.monitor.core.atomic import sha256_file
+from qcloop.monitor.core.crash_points import crash_point
 from qcloop.monitor.core.events import CaseFailed, CaseScored
 from qcloop.monitor.data import Case, CaseError, CaseSource
 from qcloop.monitor.data.nifti_header import HeaderLimits, HeaderProblem, inspect_header
-from qcloop.monitor.ops.crash_points import crash_point
 from qcloop.monitor.ops.files import free_name, move_file, nifti_suffix, stem_of
 from qcloop.monitor.ops.inbox import InboxCase, read_identity, sidecar_of
 from qcloop.monitor.ops.ledger import Ledger, utc_now

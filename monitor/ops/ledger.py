@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,39 +62,60 @@ class JsonlLog:
         self._repair()
 
     def _repair(self) -> None:
+        """Cut off a torn last line; reads only the file's tail (a long log is not read)."""
         if not self.path.exists():
             return
-        data = self.path.read_bytes()
-        if not data or data.endswith(b"\n"):
-            return
-        keep = data.rfind(b"\n") + 1
+        with open(self.path, "rb") as fh:  # a reader of a read-only log never needs more
+            size = fh.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            fh.seek(size - 1)
+            if fh.read(1) == b"\n":
+                return
+            keep = _last_line_end(fh, size)
         log.warning(
             "%s: cutting off a torn last line of %d bytes (an append interrupted by a crash)",
             self.path,
-            len(data) - keep,
+            size - keep,
         )
         with open(self.path, "r+b") as fh:
             fh.truncate(keep)
             fh.flush()
             os.fsync(fh.fileno())
 
+    def read_backwards(self) -> Iterator[dict[str, Any]]:
+        """The objects from the last to the first, reading the file's tail first: a caller that
+        needs only the newest lines stops early and never reads the rest."""
+        if not self.path.exists():
+            return
+        with open(self.path, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            rest = b""
+            for _, block in _blocks_backwards(fh, size):
+                lines = (block + rest).split(b"\n")
+                rest = lines[0]
+                for line in reversed(lines[1:]):
+                    if line.strip():
+                        yield self._parse(line, None)
+            if rest.strip():
+                yield self._parse(rest, 1)
+
+    def _parse(self, line: bytes | str, number: int | None) -> dict[str, Any]:
+        where = f"line {number}" if number is not None else "a line"
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise LedgerError(f"{self.path}: {where} is not JSON ({exc})") from None
+        if not isinstance(obj, dict):
+            raise LedgerError(f"{self.path}: {where} is not a JSON object")
+        return obj
+
     def read(self) -> list[dict[str, Any]]:
         """Every object in file order; ``LedgerError`` for a line that is not a JSON object."""
         if not self.path.exists():
             return []
-        out = []
         with open(self.path, encoding="utf-8") as fh:
-            for number, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError as exc:
-                    raise LedgerError(f"{self.path}: line {number} is not JSON ({exc})") from None
-                if not isinstance(obj, dict):
-                    raise LedgerError(f"{self.path}: line {number} is not a JSON object")
-                out.append(obj)
-        return out
+            return [self._parse(line, n) for n, line in enumerate(fh, 1) if line.strip()]
 
     def append(self, obj: dict[str, Any]) -> None:
         """Append one object as one line and fsync (NaN and inf are refused)."""
@@ -116,6 +138,28 @@ class JsonlLog:
                 raise
             finally:
                 os.close(fd)
+
+
+_BLOCK = 1 << 16
+
+
+def _blocks_backwards(fh: Any, size: int) -> Iterator[tuple[int, bytes]]:
+    """``(offset, bytes)`` blocks of an open binary file from its end to its start."""
+    end = size
+    while end > 0:
+        start = max(0, end - _BLOCK)
+        fh.seek(start)
+        yield start, fh.read(end - start)
+        end = start
+
+
+def _last_line_end(fh: Any, size: int) -> int:
+    """The offset just after the file's last newline (0 when it has none)."""
+    for start, block in _blocks_backwards(fh, size):
+        at = block.rfind(b"\n")
+        if at >= 0:
+            return start + at + 1
+    return 0
 
 
 @dataclass(frozen=True)
@@ -224,15 +268,27 @@ class Ledger:
                 self._remember(e)
             else:
                 self._index(e)
-        for rec in self.records.read():
-            sha = rec.get("sha256")
-            if sha and sha not in self.done:
-                entry = case_entry(rec)
-                log.warning("%s: record without ledger entry (crash); recovered", rec["case_id"])
-                self.events.append(entry)
-                entries.append(entry)
-                self._remember(entry)
+        for rec in self._records_without_entry():
+            entry = case_entry(rec)
+            log.warning("%s: record without ledger entry (crash); recovered", rec["case_id"])
+            self.events.append(entry)
+            entries.append(entry)
+            self._remember(entry)
         return entries
+
+    def _records_without_entry(self) -> list[dict[str, Any]]:
+        """The newest records with no ledger entry, oldest first. A record is appended before
+        its entry, so only the last few can lack one: the records file is read backwards up to
+        the newest record the ledger knows (a restart does not read months of records)."""
+        missing: list[dict[str, Any]] = []
+        for rec in self.records.read_backwards():
+            sha = rec.get("sha256")
+            if not sha:
+                continue
+            if sha in self.done:
+                break
+            missing.append(rec)
+        return missing[::-1]
 
     def _remember(self, entry: dict[str, Any]) -> None:
         self.done[entry["sha256"]] = entry
@@ -245,7 +301,7 @@ class Ledger:
 
     def add_case(self, record: dict[str, Any]) -> dict[str, Any]:
         """Append a scored case's record, then its ledger entry; returns the entry."""
-        from qcloop.monitor.ops.crash_points import crash_point
+        from qcloop.monitor.core.crash_points import crash_point
 
         self.records.append(record)
         crash_point("intake.after_record")

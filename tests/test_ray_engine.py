@@ -1,0 +1,167 @@
+"""``assess`` / ``predict --engine ray``: the same records as the local engine, on a real local
+Ray cluster, and no case lost or half-written when a worker actor is killed mid-batch."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import pytest
+from click.testing import CliRunner
+
+from qcloop.monitor.cli.main import cli
+
+ray = pytest.importorskip("ray")
+
+pytestmark = pytest.mark.slow
+
+SUBJECTS = ("001", "002", "003", "004", "005", "006")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray cluster for the module (2 CPUs, as CI has): the engine joins it."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six subjects of the tiny cohort and one image that is not NIfTI (a case that fails)."""
+    dst = tmp_path_factory.mktemp("ray-data") / "data"
+    dst.mkdir()
+    shutil.copy(tiny_cohort / "dataset_information.csv", dst)
+    for subject in SUBJECTS:
+        shutil.copytree(tiny_cohort / subject, dst / subject)
+    bad = dst / SUBJECTS[-1] / f"{SUBJECTS[-1]}_SA_ES.nii.gz"
+    bad.write_bytes(gzip.compress(b"not a NIfTI header" * 40))
+    return dst
+
+
+def predict(data: Path, run: Path, out: Path, *extra: str) -> tuple[list[dict], dict]:
+    args = ["predict", "--data", str(data), "--run", str(run), "--out", str(out), *extra]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    return records, json.loads((out / "summary.json").read_text())
+
+
+def relative(records: list[dict], out: Path) -> list[dict]:
+    """Records with the output folder's paths made relative (the two runs write elsewhere)."""
+    text = json.dumps(records).replace(str(out) + "/", "")
+    return json.loads(text)
+
+
+@pytest.fixture(scope="module")
+def local(data: Path, tiny_run: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("local")
+    return out, *predict(data, tiny_run, out, "--figures", "flagged")
+
+
+def test_ray_records_equal_the_local_engines(cluster, local, data, tiny_run, tmp_path) -> None:
+    out_l, rec_l, sum_l = local
+    rec_r, sum_r = predict(
+        data, tiny_run, tmp_path, "--figures", "flagged", "--engine", "ray", "--batch-size", "3"
+    )
+    assert len(rec_r) == len(rec_l) == 2 * 2 * len(SUBJECTS) - 1
+    assert relative(rec_r, tmp_path) == relative(rec_l, out_l)  # every field, in case order
+    assert sum_r["skipped"] == sum_l["skipped"]
+    assert len(sum_r["skipped"]) == 1 and "SA_ES" in sum_r["skipped"][0]["path"]
+    assert sum_r["engine"] == "ray" and sum_r["views"] == sum_l["views"]
+    for r in rec_r:  # the actors wrote the masks and figures, byte for byte the local ones
+        mask = Path(r["mask"])
+        assert mask.read_bytes() == (out_l / mask.relative_to(tmp_path)).read_bytes()
+        if r["ood"]:
+            assert Path(r["figure"]).is_file()
+
+
+def test_a_killed_worker_loses_no_case_and_leaves_no_partial_file(
+    cluster, local, data, tiny_run, tmp_path, monkeypatch
+) -> None:
+    out_l, rec_l, _ = local
+    marker = tmp_path / "killed"
+    # the first actor to write a mask dies by SIGKILL between writing it and renaming it
+    monkeypatch.setenv("QCLOOP_CRASH_AT", "atomic.before_rename")
+    monkeypatch.setenv("QCLOOP_CRASH_ONCE", str(marker))
+    out = tmp_path / "out"
+    rec_r, _ = predict(data, tiny_run, out, "--engine", "ray", "--workers", "2", "--view", "SA")
+    assert marker.exists(), "no worker was killed"
+    sa_local = [r for r in rec_l if r["view"] == "SA"]
+    for r in sa_local:
+        r.pop("figure", None)
+    assert relative(rec_r, out) == relative(sa_local, out_l)
+    names = sorted(p.name for p in (out / "masks").iterdir())
+    assert names == sorted(Path(r["mask"]).name for r in rec_r)  # no temporary left behind
+    for r in rec_r:
+        nib.load(r["mask"]).get_fdata()
+
+
+def test_the_ray_engine_refuses_what_it_cannot_do(data, tiny_run, tmp_path) -> None:
+    def run(*args: str):
+        return CliRunner().invoke(
+            cli,
+            [
+                "assess",
+                "--data",
+                str(data),
+                "--run",
+                str(tiny_run),
+                "--out",
+                str(tmp_path / "o"),
+                *args,
+            ],
+        )
+
+    r = run("--workers", "2")
+    assert r.exit_code == 2 and "--workers apply to --engine ray only" in r.output
+    r = run("--engine", "spark")
+    assert r.exit_code == 2 and "'spark' is not one of" in r.output
+    qc = tmp_path / "run"
+    shutil.copytree(tiny_run, qc)
+    cfg = (
+        (qc / "config.yaml")
+        .read_text()
+        .replace("population: reference", "population: transductive")
+    )
+    (qc / "config.yaml").write_text(cfg)
+    r = CliRunner().invoke(
+        cli,
+        [
+            "assess",
+            "--data",
+            str(data),
+            "--run",
+            str(qc),
+            "--out",
+            str(tmp_path / "t"),
+            "--engine",
+            "ray",
+        ],
+    )
+    assert r.exit_code == 1 and "transductive fences" in r.output, r.output
+    assert not (tmp_path / "t" / "records.jsonl").exists()
+
+
+def test_without_ray_the_command_names_the_extra(data, tiny_run, tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray.data", None)  # import ray.data -> ImportError
+    r = CliRunner().invoke(
+        cli,
+        [
+            "assess",
+            "--data",
+            str(data),
+            "--run",
+            str(tiny_run),
+            "--out",
+            str(tmp_path),
+            "--engine",
+            "ray",
+        ],
+    )
+    assert r.exit_code == 1
+    assert "pip install 'qcloop[ray]'" in r.output

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from qcloop.monitor.data import discover
 from qcloop.monitor.core.crash_points import POINTS
+from qcloop.monitor.data import discover
 from qcloop.monitor.ops.ledger import JsonlLog
 
 pytestmark = pytest.mark.slow

@@ -165,3 +165,20 @@ def test_without_ray_the_command_names_the_extra(data, tiny_run, tmp_path, monke
     )
     assert r.exit_code == 1
     assert "pip install 'qcloop[ray]'" in r.output
+
+
+def test_calibrate_on_ray_fits_the_local_fences(cluster, tiny_run, tiny_cohort, tmp_path) -> None:
+    from tests.helpers import torch_card
+
+    card = torch_card(tiny_run, tmp_path / "vendor")
+    outs = {}
+    for engine in ("local", "ray"):
+        outs[engine] = tmp_path / engine
+        args = ["calibrate", "--run", str(tiny_run), "--model", str(card), "--data",
+                str(tiny_cohort), "--out", str(outs[engine]), "--view", "SA", "--engine", engine]  # fmt: skip
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+    fences = [(outs[e] / "SA" / "fences.json").read_text() for e in ("local", "ray")]
+    assert fences[0] == fences[1]
+    views = [json.loads((outs[e] / "run.json").read_text())["views"] for e in ("local", "ray")]
+    assert views[0] == views[1] and views[0]["SA"]["reference_cases"] > 0

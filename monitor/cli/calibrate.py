@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from qcloop.monitor.cli.loop import engine_args, engine_options
+
 
 @click.command()
 @click.option(
@@ -57,6 +59,7 @@ import click
     multiple=True,
     help="Only reference cases whose metadata matches KEY=VALUE (e.g. vendor=A); repeatable.",
 )
+@engine_options
 def calibrate(
     qc_run: Path,
     card: Path | None,
@@ -67,11 +70,17 @@ def calibrate(
     out: Path,
     view: str,
     where: tuple[str, ...],
+    engine: str,
+    address: str | None,
+    workers: int | None,
+    num_gpus_per_worker: float | None,
+    batch_size: int | None,
 ) -> None:
     """Calibrate reference fences for a model qcloop did not train (--model CARD) or for masks
     made elsewhere (--predictions MASKS): the QC module of --run scores every reference case,
     the configured threshold strategy is fitted on those scores, and --out becomes a run folder
-    that assess, predict, monitor, serve and models register accept."""
+    that assess, predict, monitor, serve and models register accept. With --model, --engine ray
+    scores the reference cases on a Ray cluster (docs/scale.md)."""
     from qcloop.monitor.core.model_card import ModelCardError
     from qcloop.monitor.core.optional import MissingExtraError
     from qcloop.monitor.data import CaseError
@@ -81,9 +90,15 @@ def calibrate(
     if (card is None) == (masks is None):
         raise click.UsageError("give exactly one of --model CARD and --predictions MASKS")
     views = None if view == "both" else [view]
+    run_engine = engine_args(engine, address, workers, num_gpus_per_worker, batch_size)
+    if masks is not None and engine != "local":
+        raise click.UsageError("--predictions runs on the local engine only")
     try:
         if card is not None:
-            info = calibrate_model(qc_run, card, data_dir, out, views=views, where=_where(where))
+            info = calibrate_model(
+                qc_run, card, data_dir, out, views=views, where=_where(where),
+                engine_name=run_engine["engine"], engine_params=run_engine["engine_params"],
+            )  # fmt: skip
         else:
             info = calibrate_masks(
                 qc_run,

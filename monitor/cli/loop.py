@@ -177,7 +177,7 @@ _cases = click.option(
     "image files inside a dataset folder.",
 )
 
-_engine = [
+ENGINE_OPTIONS = [
     click.option(
         "--engine",
         default="local",
@@ -198,13 +198,13 @@ _engine = [
 ]
 
 
-def _engine_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed(_engine):
+def engine_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(ENGINE_OPTIONS):
         f = option(f)
     return f
 
 
-def _engine_args(
+def engine_args(
     engine: str, address: str | None, workers: int | None, gpus: float | None, batch: int | None
 ) -> dict[str, Any]:
     """``engine`` and the parameters given for it (a usage error for an unknown engine)."""
@@ -241,7 +241,7 @@ _figures = click.option(
 @_view
 @_predictions_options
 @_figures
-@_engine_options
+@engine_options
 def assess(
     data_dir: str,
     run_dir: Path | None,
@@ -266,7 +266,7 @@ def assess(
     OUT/records.jsonl and OUT/summary.json. With --engine ray the cases are scored on a Ray
     cluster (docs/scale.md).
     """
-    run_engine = _engine_args(engine, address, workers, num_gpus_per_worker, batch_size)
+    run_engine = engine_args(engine, address, workers, num_gpus_per_worker, batch_size)
     if masks is not None or mapping_csv is not None:
         if run_dir is None or model_spec is not None:
             raise click.UsageError("--predictions scores masks with a run's QC module: give --run")
@@ -364,7 +364,7 @@ def _refuse_qc_only(run_dir: Path | None) -> None:
 @_out
 @_view
 @_figures
-@_engine_options
+@engine_options
 def predict(
     data_dir: str,
     run_dir: Path | None,
@@ -383,7 +383,7 @@ def predict(
     (with --engine ray, written by the Ray workers: docs/scale.md)."""
     from qcloop.monitor.method.assess import assess_run
 
-    run_engine = _engine_args(engine, address, workers, num_gpus_per_worker, batch_size)
+    run_engine = engine_args(engine, address, workers, num_gpus_per_worker, batch_size)
     runs, info = _models(run_dir, model_spec, tracking_uri)
     _refuse_qc_only(run_dir)
     with _clear_errors():

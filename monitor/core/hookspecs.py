@@ -94,7 +94,8 @@ def register_runtimes(register: Register) -> None:
 
 @hookspec
 def register_engines(register: Register) -> None:
-    """Register batch engines for ``assess`` and ``predict``: ``register("ray", factory)``.
+    """Register batch engines for ``assess``, ``predict`` and ``calibrate``:
+    ``register("ray", factory)``.
 
     :param register: call ``register(name, factory)``; ``factory(**params)`` returns an
         :class:`~qcloop.monitor.core.interfaces.Engine` (``--engine NAME`` picks it; ``params``

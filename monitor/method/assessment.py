@@ -51,6 +51,24 @@ class ScoredCase:
     selection: Selection | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_record(cls, rec: dict[str, Any], key_fields: Sequence[str]) -> ScoredCase:
+        """The unjudged scores of a scoring-only record (one with ``spacing``; ``key_fields``:
+        the record's identity fields). JSON keeps floats exactly, so fences fitted on these
+        equal fences fitted on the original."""
+        candidates = [
+            {
+                s: StructureScores(
+                    dice=v["pdc"], hd=v["phd_mm"], hd95=v["phd95_mm"], penalised=v["penalised"]
+                )
+                for s, v in c.items()
+            }
+            for c in rec["candidates"]
+        ]
+        key = {k: rec[k] for k in key_fields if k in rec}
+        spacing = tuple(float(x) for x in rec["spacing"])
+        return cls(key, spacing, candidates, rec["decision_structure"])  # type: ignore[arg-type]
+
     def decision(self) -> tuple[list[float], list[float], list[bool]]:
         """Per-candidate (pDC, pHD, penalised) of the decision structure."""
         values = [decision_value(c, self.decision_structure) for c in self.candidates]

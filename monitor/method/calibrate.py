@@ -30,16 +30,16 @@ import yaml
 
 from qcloop.monitor import __version__
 from qcloop.monitor.core import atomic
-from qcloop.monitor.core.config import QcloopConfig, dump_config
+from qcloop.monitor.core.config import dump_config
 from qcloop.monitor.core.interfaces import Tracker
 from qcloop.monitor.core.serialise import utc_now
 from qcloop.monitor.core.tracking import NullTracker
-from qcloop.monitor.data import CaseError
-from qcloop.monitor.method.cases import load_prepared, make_preprocessor, sources_for
+from qcloop.monitor.method.assessment import ScoredCase
+from qcloop.monitor.method.cases import RECORD_KEY_FIELDS
 from qcloop.monitor.method.fences_file import save_reference_fences
 from qcloop.monitor.method.qc_train import qc_views, staged_folder
-from qcloop.monitor.method.run_folder import RunError, load_model_set, load_run_config
-from qcloop.monitor.method.train import calibrate_reference_fences, fit_reference_fences
+from qcloop.monitor.method.run_folder import RunError, load_run_config
+from qcloop.monitor.method.train import fit_reference_fences
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +60,18 @@ def calibrate_model(
     views: Sequence[str] | None = None,
     where: dict[str, Any] | None = None,
     tracker: Tracker | None = None,
+    engine_name: str = "local",
+    engine_params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the card's model on the reference cases of ``data_dir`` (``where``: a metadata
-    filter), score each prediction with the QC run's module, fit the configured fences, and
-    write the run folder ``out``. Returns its ``run.json``."""
+    """Run the card's model on the reference cases of ``data_dir`` (a folder, glob or case
+    list; ``where``: a metadata filter), score each prediction with the QC run's module, fit
+    the configured fences, and write the run folder ``out``. Returns its ``run.json``.
+
+    ``engine_name`` picks the batch engine that scores the cases (``local``, ``ray``: its
+    actors read the card and the QC module from the folder being written, so ``out`` must be
+    on storage they share); the fences do not depend on it."""
     from qcloop.monitor.core.model_card import load_card
+    from qcloop.monitor.core.plugin_manager import get_plugin_manager
     from qcloop.monitor.method.external import load_card_model
 
     qc_run, out = Path(qc_run), Path(out)
@@ -77,18 +84,18 @@ def calibrate_model(
     # the card's model runs in process (its kind picks its runtime: onnxruntime for onnx);
     # the onnxruntime *runtime* serves qcloop's own exported candidates only
     cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"runtime": "torch"})})
-    with staged_folder(out) as stage:
+    factory = get_plugin_manager().engines()[engine_name].factory
+    with staged_folder(out) as stage, factory(**dict(engine_params or {})) as engine:
         atomic.write_text(stage / "config.yaml", dump_config(cfg))
         info["model"] = copy_model(card, stage / MODEL_DIR)
         info["card"] = card.to_dict()
         for view in chosen:
             _copy_qc(qc_run, stage, view)
             atomic.write_json(stage / view / "candidates.json", [_card_entry(info["model"])])
-            model_set = load_model_set(stage, view, cfg, fences=False)
-            cases, errors = _reference_cases(data_dir, view, cfg, where)
-            fences = calibrate_reference_fences(model_set, cases, cfg, tracker=tracker)
+            scored, errors = _score_reference(stage, view, data_dir, where, engine)
+            fences = fit_reference_fences(scored, view, cfg, tracker=tracker)
             save_reference_fences(stage / view, fences)
-            info["views"][view] = _view_info(cases, errors, fences)
+            info["views"][view] = _view_info(scored, errors, fences)
         atomic.write_json(stage / "run.json", info)
     log.info("calibrated %s (%s) into %s: %s", card_path, card.kind, out, chosen)
     return info
@@ -199,15 +206,26 @@ def _card_entry(model: dict[str, str]) -> dict[str, Any]:
     return {"card": f"../{MODEL_DIR}/{CARD_FILE}", "sha256": model["sha256"], "epoch": -1}
 
 
-def _reference_cases(
-    data_dir: str | Path, view: str, cfg: QcloopConfig, where: dict[str, Any] | None
-) -> tuple[list[Any], list[CaseError]]:
-    """The reference cases of ``view``, prepared on the run's grid, and those that failed."""
-    errors: list[CaseError] = []
-    cases = load_prepared(sources_for(data_dir, [view], where), make_preprocessor(cfg), errors)
-    if not cases:
+def _score_reference(
+    stage: Path, view: str, data_dir: str | Path, where: dict[str, Any] | None, engine: Any
+) -> tuple[list[ScoredCase], list[str]]:
+    """The reference cases of ``view`` scored (not judged) by the model set in ``stage``, and
+    the reasons of those that failed."""
+    from qcloop.monitor.data.case_list import find_cases
+    from qcloop.monitor.method.case_worker import ViewJob
+
+    sources = [s for s in find_cases(data_dir, where=where) if s.view == view]
+    scored: list[ScoredCase] = []
+    errors: list[str] = []
+    job = ViewJob(view, stage, stage, judge=False)
+    for kind, payload in engine.outcomes(job, sources):
+        if kind == "record":
+            scored.append(ScoredCase.from_record(payload, RECORD_KEY_FIELDS))
+        else:
+            errors.append(f"{payload['path']}: {payload['reason']}")
+    if not scored:
         raise RunError(f"{data_dir}: no usable {view} reference case ({len(errors)} failed)")
-    return cases, errors
+    return scored, errors
 
 
 def _run_info(
@@ -230,7 +248,7 @@ def _view_info(cases: Sequence[Any], errors: Sequence[Any], fences: Any) -> dict
     """What ``run.json`` says of one calibrated view."""
     return {
         "reference_cases": len(cases),
-        "skipped": [str(e) for e in errors],
+        "skipped": [str(e) for e in errors],  # "path: reason", as CaseError prints
         "fences": {
             k: {"pdc_low": f.pdc_low, "phd_high": f.phd_high} for k, f in fences.phases.items()
         },

@@ -47,6 +47,9 @@ class ViewJob:
         model: the records' ``model`` field (the run, and a registered name and version).
         write_masks: write each QC-selected mask (``predict``).
         figures: ``flagged``, ``all`` or ``none``: the cases whose QC figure is drawn.
+        judge: judge each case against the run's reference fences; ``False`` scores only (the
+            record has the candidates' pDC/pHD and no verdict: calibration, which is about to
+            fit those fences).
     """
 
     view: str
@@ -55,6 +58,7 @@ class ViewJob:
     model: dict[str, Any] = field(default_factory=dict)
     write_masks: bool = False
     figures: str = "none"
+    judge: bool = True
 
 
 @dataclass
@@ -80,6 +84,10 @@ def check_job(job: ViewJob) -> Any:
     from qcloop.monitor.method.run_folder import load_fences
 
     cfg = load_run_config(job.run)
+    if not job.judge:
+        if not (job.run / job.view / "candidates.json").is_file():
+            raise RunError(f"{job.run}: no model set for the view {job.view}")
+        return cfg
     if cfg.assessment.population == "transductive":
         raise RunError(
             f"{job.run}: transductive fences need the whole population before any case is "
@@ -103,7 +111,7 @@ class ViewScorer:
 
         self.job = job
         cfg = check_job(job)
-        self.model_set = load_model_set(job.run, job.view, cfg)
+        self.model_set = load_model_set(job.run, job.view, cfg, fences=job.judge)
         if device is not None:
             _to_device(self.model_set, device)
         self.preprocessor = make_preprocessor(cfg, getattr(self.model_set.best, "divisor", 1))
@@ -119,6 +127,9 @@ class ViewScorer:
             scored, probs = self.assessor.score(
                 item.key, item.prepared.image, item.net_spacing, item.origin
             )
+            if not self.job.judge:
+                rec = {**scored.to_record(), "spacing": list(scored.spacing)}
+                return "record", {**rec, "model": dict(self.job.model)}
             scored.judge(reference_fences(self.model_set, case.phase))
             rec = case_record(Assessed(item, scored, probs), self.job, self.assessor.reconstruct)
         except CaseError as exc:

@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 VAL_SPLITS = ("val", "validation")
 
 
+#: The identity fields of a case's record, in order (see :func:`record_key`).
+RECORD_KEY_FIELDS = ("subject", "view", "phase", "vendor", "disease", "image")
+
+
 def record_key(src: CaseSource) -> dict[str, Any]:
     """Identity fields of a case's JSON record: subject, view, phase, vendor, disease, image."""
     return {

@@ -101,68 +101,30 @@ def test_a_killed_worker_loses_no_case_and_leaves_no_partial_file(
         nib.load(r["mask"]).get_fdata()
 
 
-def test_the_ray_engine_refuses_what_it_cannot_do(data, tiny_run, tmp_path) -> None:
-    def run(*args: str):
-        return CliRunner().invoke(
-            cli,
-            [
-                "assess",
-                "--data",
-                str(data),
-                "--run",
-                str(tiny_run),
-                "--out",
-                str(tmp_path / "o"),
-                *args,
-            ],
-        )
+def assess(data: Path, run: Path, out: Path, *extra: str):
+    args = ["assess", "--data", str(data), "--run", str(run), "--out", str(out), *extra]
+    return CliRunner().invoke(cli, args)
 
-    r = run("--workers", "2")
+
+def test_the_ray_engine_refuses_what_it_cannot_do(data, tiny_run, tmp_path) -> None:
+    r = assess(data, tiny_run, tmp_path / "o", "--workers", "2")
     assert r.exit_code == 2 and "--workers apply to --engine ray only" in r.output
-    r = run("--engine", "spark")
+    r = assess(data, tiny_run, tmp_path / "o", "--engine", "spark")
     assert r.exit_code == 2 and "'spark' is not one of" in r.output
     qc = tmp_path / "run"
     shutil.copytree(tiny_run, qc)
-    cfg = (
-        (qc / "config.yaml")
-        .read_text()
-        .replace("population: reference", "population: transductive")
+    cfg = (qc / "config.yaml").read_text()
+    (qc / "config.yaml").write_text(
+        cfg.replace("population: reference", "population: transductive")
     )
-    (qc / "config.yaml").write_text(cfg)
-    r = CliRunner().invoke(
-        cli,
-        [
-            "assess",
-            "--data",
-            str(data),
-            "--run",
-            str(qc),
-            "--out",
-            str(tmp_path / "t"),
-            "--engine",
-            "ray",
-        ],
-    )
+    r = assess(data, qc, tmp_path / "t", "--engine", "ray")
     assert r.exit_code == 1 and "transductive fences" in r.output, r.output
     assert not (tmp_path / "t" / "records.jsonl").exists()
 
 
 def test_without_ray_the_command_names_the_extra(data, tiny_run, tmp_path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "ray.data", None)  # import ray.data -> ImportError
-    r = CliRunner().invoke(
-        cli,
-        [
-            "assess",
-            "--data",
-            str(data),
-            "--run",
-            str(tiny_run),
-            "--out",
-            str(tmp_path),
-            "--engine",
-            "ray",
-        ],
-    )
+    r = assess(data, tiny_run, tmp_path, "--engine", "ray")
     assert r.exit_code == 1
     assert "pip install 'qcloop[ray]'" in r.output
 

@@ -62,7 +62,7 @@ def _print_summary(summary: dict, out: Path) -> None:
         click.echo(f"{v}: {d['cases']} case(s), {d['ood']} flagged OoD ({how})")
     for s in summary["skipped"]:
         click.echo(f"skipped {s['path']}: {s['reason']}", err=True)
-    click.echo(f"records: {out / 'records.jsonl'}; summary: {out / 'summary.json'}")
+    click.echo(f"records: {out}/records.jsonl; summary: {out}/summary.json")
 
 
 _data = click.option(
@@ -79,12 +79,32 @@ _run = click.option(
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Run folder.",
 )
+
+
+class OutFolder(click.ParamType):
+    """An output folder (a ``Path``), or a URI of a pyarrow filesystem kept as text
+    (``s3://bucket/qc``; a ``Path`` would fold its ``//``)."""
+
+    name = "FOLDER|URI"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from qcloop.monitor.core.object_store import is_uri
+
+        if isinstance(value, str) and is_uri(value):
+            return value
+        path = Path(value)
+        if path.exists() and not path.is_dir():
+            self.fail(f"{path} is a file, not a folder", param, ctx)
+        return path
+
+
 _out = click.option(
     "--out",
     "out_dir",
     required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Output folder.",
+    type=OutFolder(),
+    help="Output folder, or a URI on object storage (s3://bucket/qc, gs://..., file://...; the "
+    "ray extra's pyarrow): outputs are written locally, then copied there.",
 )
 _view = click.option(
     "--view", type=click.Choice(["SA", "LA", "both"]), default="both", show_default=True
@@ -247,7 +267,7 @@ def assess(
     run_dir: Path | None,
     model_spec: str | None,
     tracking_uri: str | None,
-    out_dir: Path,
+    out_dir: Path | str,
     view: str,
     masks: Path | None,
     mapping_csv: Path | None,
@@ -272,8 +292,8 @@ def assess(
             raise click.UsageError("--predictions scores masks with a run's QC module: give --run")
         if figures != "none":
             raise click.UsageError("--figures draws the run's own predictions, not --predictions")
-        if engine != "local":
-            raise click.UsageError("--predictions runs on the local engine only")
+        if engine != "local" or not isinstance(out_dir, Path):
+            raise click.UsageError("--predictions runs on the local engine, into a folder")
         _assess_predictions(Path(data_dir), run_dir, masks, mapping_csv, label_map, out_dir, view)
         return
     if label_map is not None:
@@ -304,7 +324,7 @@ def _clear_errors() -> Iterator[None]:
 
     try:
         yield
-    except (RunError, CaseError, MissingExtraError) as exc:
+    except (RunError, CaseError, MissingExtraError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -370,7 +390,7 @@ def predict(
     run_dir: Path | None,
     model_spec: str | None,
     tracking_uri: str | None,
-    out_dir: Path,
+    out_dir: Path | str,
     view: str,
     figures: str,
     engine: str,
@@ -398,7 +418,7 @@ def predict(
             **run_engine,
         )
     _print_summary(summary, out_dir)
-    click.echo(f"masks: {out_dir / 'masks'}")
+    click.echo(f"masks: {out_dir}/masks")
 
 
 @click.command()

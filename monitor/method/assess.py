@@ -3,8 +3,11 @@ against its fences, the output chosen by QC-based selection."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -151,6 +154,8 @@ def assess_run(
     version) to each view's records. ``engine`` names the registered engine doing the per-case
     work (``local``, ``ray``; built with ``engine_params``); records are the same either way.
 
+    ``out_dir`` is a folder, or a URI of a pyarrow filesystem (``s3://bucket/qc``: outputs are
+    written locally, then copied there; :mod:`~qcloop.monitor.core.object_store`).
     Writes ``out_dir/records.jsonl`` (one JSON record per case, in case order, streamed to a
     temporary file renamed when complete) and ``out_dir/summary.json``; with ``write_masks``
     the QC-selected masks go to ``out_dir/masks/<subject>_<view>_<phase>_pred.nii.gz`` on the
@@ -162,11 +167,55 @@ def assess_run(
     With a tracker (``tracker``, else the run's configured one) the assessment is one tracked
     run: per view the case and OoD counts and the OoD fraction, and ``summary.json``.
     """
+    from qcloop.monitor.core.object_store import open_store
+
+    with _output_folder(out_dir) as (out, store):
+        summary = _assess_into(
+            out, store, data_dir, run_dir, views, write_masks, where, tracker, model_info,
+            figures, engine, engine_params,
+        )  # fmt: skip
+        if store is not None:
+            for name in ("records.jsonl", "summary.json"):  # summary last: the batch is done
+                open_store(store).put(out / name, name)
+    return summary
+
+
+@contextlib.contextmanager
+def _output_folder(out_dir: Path | str) -> Iterator[tuple[Path, str | None]]:
+    """The local folder outputs are written to, and the store URI they are copied to (a
+    scratch folder removed on the way out), or ``out_dir`` itself and ``None``."""
+    from qcloop.monitor.core.object_store import is_uri, open_store
+
+    if not is_uri(out_dir):
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        yield Path(out_dir), None
+        return
+    open_store(str(out_dir))  # an unusable URI fails here, before any work
+    scratch = Path(tempfile.mkdtemp(prefix="qcloop-out-"))
+    try:
+        yield scratch, str(out_dir)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _assess_into(
+    out: Path,
+    store: str | None,
+    data_dir: str | Path,
+    run_dir: str | Path | Mapping[str, str | Path],
+    views: Sequence[str] | None,
+    write_masks: bool,
+    where: dict[str, Any] | None,
+    tracker: Tracker | None,
+    model_info: Mapping[str, dict[str, Any]] | None,
+    figures: str,
+    engine: str,
+    engine_params: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """:func:`assess_run` into the local folder ``out`` (records naming ``store`` URIs)."""
     from qcloop.monitor.core.plugin_manager import get_plugin_manager
     from qcloop.monitor.data.case_list import find_cases
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     runs = _view_runs(run_dir, views)
     run = next(iter(runs.values()))
     cfg = load_run_config(run)
@@ -179,7 +228,7 @@ def assess_run(
         for view, view_run in runs.items():
             view_cfg = load_run_config(view_run) if view_run != run else cfg
             info = {"run": str(view_run.resolve()), **dict((model_info or {}).get(view, {}))}
-            job = ViewJob(view, view_run, out, info, write_masks, figures)
+            job = ViewJob(view, view_run, out, info, write_masks, figures, store=store)
             sources = [s for s in all_sources if s.view == view]
             if view_cfg.assessment.population == "transductive" and eng.name != "local":
                 raise RunError(
@@ -197,6 +246,7 @@ def assess_run(
         "run": str(run.resolve()),
         "runs": {v: str(r.resolve()) for v, r in runs.items()},
         "data": str(Path(data_dir).resolve()),
+        "out": store or str(out.resolve()),
         "engine": engine,
         "views": per_view,
         "cases": sink.cases,

@@ -50,6 +50,9 @@ class ViewJob:
         judge: judge each case against the run's reference fences; ``False`` scores only (the
             record has the candidates' pDC/pHD and no verdict: calibration, which is about to
             fit those fences).
+        store: an output folder by URI (``s3://bucket/qc``, :mod:`~qcloop.monitor.core.object_store`):
+            masks and figures are written below ``out`` (then a local scratch folder), copied
+            there and removed locally; records name them by URI.
     """
 
     view: str
@@ -59,6 +62,7 @@ class ViewJob:
     write_masks: bool = False
     figures: str = "none"
     judge: bool = True
+    store: str | None = None
 
 
 @dataclass
@@ -180,10 +184,23 @@ def case_record(
         src = a.item.case.source
         path = job.out / "masks" / f"{src.subject}_{src.view}_{src.phase}_pred.nii.gz"
         save_label_map(path, labels, a.item.case)
-        rec["mask"] = str(path)
+        rec["mask"] = _published(path, job)
     if reconstruct is not None and wants_figure(job.figures, rec.get("ood")):
         _figure(a, rec, job.out, reconstruct)
+        if "figure" in rec:
+            rec["figure"] = _published(Path(rec["figure"]), job)
     return rec
+
+
+def _published(path: Path, job: ViewJob) -> str:
+    """Where a written output lives for its readers: ``path``, or its copy in ``job.store``."""
+    if job.store is None:
+        return str(path)
+    from qcloop.monitor.core.object_store import open_store
+
+    uri = open_store(job.store).put(path, path.relative_to(job.out).as_posix())
+    path.unlink()
+    return uri
 
 
 def _figure(

@@ -25,11 +25,13 @@ def test_bench_loop_measures_every_section_and_compares(tiny_run, tiny_cohort, t
     figures = json.loads((tmp_path / "a.json").read_text())
     stages = figures["stages"]["SA"]
     assert set(stages["median_ms"]) == {
-        "read", "preprocess", "segment", "reconstruct", "pseudo_metrics", "select",
+        "read", "preprocess", "segment", "reconstruct", "pseudo_metrics", "select", "estimate",
         "restore_write",
     }  # fmt: skip
     assert all(v > 0 for v in stages["median_ms"].values())
     assert stages["qc_over_segmentation"] > 0
+    assert 0 < stages["estimate_over_scoring"] < 1 and stages["estimator"] is False
+    assert "estimate (signals (run has no estimator)) / scoring of the case" in first.output
     rows = figures["throughput"]["rows"]
     assert [(r["engine"], r["size"], r["cases"]) for r in rows] == [
         ("local", 3, 3),

@@ -50,8 +50,11 @@ class _Stopwatch:
 #: The stages of one case, in the order ``assess`` meets them (segment, reconstruct and
 #: pseudo_metrics once per candidate).
 STAGES = (
-    "read", "preprocess", "segment", "reconstruct", "pseudo_metrics", "select", "restore_write",
+    "read", "preprocess", "segment", "reconstruct", "pseudo_metrics", "select", "estimate",
+    "restore_write",
 )  # fmt: skip
+#: The calibrated estimate (its signals and the calibrator) may add this much to scoring.
+ESTIMATE_COST_TARGET = 0.05
 
 
 def _time_case(scorer: Any, src: Any, sw: _Stopwatch, mask_path: Path) -> None:
@@ -65,8 +68,11 @@ def _time_case(scorer: Any, src: Any, sw: _Stopwatch, mask_path: Path) -> None:
         selected_probabilities,
     )
     from qcloop.monitor.method.cases import PreparedCase, restore_labels
+    from qcloop.monitor.method.qc_signals import case_signals
+    from qcloop.monitor.method.quality_estimate import load_estimator
 
     a = scorer.assessor
+    estimator = load_estimator(scorer.job.run, scorer.job.view)
     with sw("read"):
         case = load_case(src)
     with sw("preprocess"):
@@ -86,6 +92,10 @@ def _time_case(scorer: Any, src: Any, sw: _Stopwatch, mask_path: Path) -> None:
     with sw("select"):
         scored = ScoredCase(item.key, item.net_spacing, per_candidate, a.decision_structure)
         scored.judge(reference_fences(scorer.model_set, case.phase))
+    with sw("estimate"):
+        scored.extra["signals"] = case_signals(probs, [p.argmax(1) for p in probs])
+        if estimator is not None:
+            estimator.estimate(scored.to_record())
     with sw("restore_write"):
         labels = restore_labels(item, selected_probabilities(scored, probs))
         save_label_map(mask_path, labels, case)
@@ -96,6 +106,7 @@ def stage_costs(run: Path, data: str, view: str, cases: int = 20) -> dict[str, A
     segmentation and QC), and QC's cost as a fraction of one candidate's segmentation."""
     from qcloop.monitor.data.case_list import find_cases
     from qcloop.monitor.method.case_worker import ViewJob, ViewScorer
+    from qcloop.monitor.method.quality_estimate import ESTIMATOR_FILE
 
     sources = [s for s in find_cases(data) if s.view == view][:cases]
     if not sources:
@@ -108,6 +119,8 @@ def stage_costs(run: Path, data: str, view: str, cases: int = 20) -> dict[str, A
             _time_case(scorer, src, sw, Path(tmp) / "mask.nii.gz")
     ms = {k: round(median(v), 2) for k, v in sw.ms.items()}
     qc = ms["reconstruct"] + ms["pseudo_metrics"]
+    k = len(scorer.model_set.candidates)
+    scoring = ms["read"] + ms["preprocess"] + k * (ms["segment"] + qc) + ms["select"]
     reference = reference_segmenters(scorer, sources[: min(5, len(sources))])
     return {
         "view": view,
@@ -118,6 +131,9 @@ def stage_costs(run: Path, data: str, view: str, cases: int = 20) -> dict[str, A
         "reference_segment_ms": reference,
         "qc_over_reference": {k: round(qc / v, 3) for k, v in reference.items()},
         "qc_target": QC_COST_TARGET,
+        "estimate_over_scoring": round(ms["estimate"] / scoring, 4) if scoring else None,
+        "estimator": (Path(run) / view / ESTIMATOR_FILE).is_file(),
+        "estimate_target": ESTIMATE_COST_TARGET,
     }
 
 

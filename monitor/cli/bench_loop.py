@@ -157,6 +157,16 @@ def loop_table(f: dict[str, Any]) -> str:
             lines.append(
                 f"  QC / {arch} at its reference size ({ref_ms} ms per case): {r} ({verdict} the target)"
             )
+        if s.get("estimate_over_scoring") is not None:
+            e = s["estimate_over_scoring"]
+            verdict = "within" if e <= s["estimate_target"] else "OVER"
+            what = (
+                "signals + calibrator" if s.get("estimator") else "signals (run has no estimator)"
+            )
+            lines.append(
+                f"  estimate ({what}) / scoring of the case: {e} "
+                f"({verdict} the {s['estimate_target']:.0%} target)"
+            )
     t = f["throughput"]
     if t["rows"]:
         lines += [

@@ -34,6 +34,8 @@ BUILTIN_COMMANDS: dict[str, str] = {
     "models": "models:models",
     "qc": "qc:qc",
     "calibrate": "calibrate:calibrate",
+    "fit-estimator": "estimate:fit_estimator_command",
+    "evaluate-qc": "estimate:evaluate_qc",
     "report": "report:report",
     "feedback": "feedback:feedback",
 }

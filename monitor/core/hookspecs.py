@@ -105,6 +105,17 @@ def register_engines(register: Register) -> None:
 
 
 @hookspec
+def register_calibrators(register: Register) -> None:
+    """Register quality calibrators (``est_dice``, ``est_hd_mm``): ``register("isotonic",
+    factory)``.
+
+    :param register: call ``register(name, factory)``; ``factory(**params)`` returns a
+        :class:`~qcloop.monitor.core.interfaces.QualityCalibrator` (``qcloop fit-estimator
+        --calibrator NAME`` picks it).
+    """
+
+
+@hookspec
 def register_model_kinds(register: Register) -> None:
     """Register model-card loaders per model kind: ``register("onnx", loader)``.
 

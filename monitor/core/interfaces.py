@@ -336,3 +336,33 @@ class Engine(Protocol):
     def __enter__(self) -> Engine: ...
 
     def __exit__(self, *exc: object) -> None: ...
+
+
+@runtime_checkable
+class QualityCalibrator(Protocol):
+    """Maps a case's QC signals to an estimate of one true score (Dice, or HD in mm) of one
+    structure, fitted on reference cases where ground truth exists. A factory is called as
+    ``factory(**params)``; the core fits one calibrator per view, structure and target.
+
+    ``features`` is ``(n, k)``: column 0 is the primary signal, which rises with the target
+    (pDC for Dice, pHD for HD); the other columns are further signals (in
+    ``qcloop.monitor.method.quality_estimate.FEATURES``). The core wraps every calibrator with
+    cross-fitted conformal intervals, clipping and the fallback to pDC: a calibrator only
+    predicts points.
+    """
+
+    def fit(self, features: np.ndarray, target: np.ndarray) -> None:
+        """Fit on ``n`` reference cases (finite values, ``n`` >= the core's minimum)."""
+        ...
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Point estimates ``(n,)`` for ``features`` ``(n, k)``."""
+        ...
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fitted state as JSON-serialisable data (stored in the run folder)."""
+        ...
+
+    def load_dict(self, data: Mapping[str, Any]) -> None:
+        """Restore the state :meth:`to_dict` wrote."""
+        ...

@@ -68,6 +68,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "qcloop.qc_modules.plugin",
     "qcloop.plugins.thresholds",
     "qcloop.plugins.refiners",
+    "qcloop.plugins.calibrators",
     "qcloop.monitor.ops.torch_runtime",
     "qcloop.monitor.method.engines",
     "qcloop.plugins.mlflow.plugin",
@@ -83,6 +84,7 @@ COMPONENT_KINDS: dict[str, tuple[str, str]] = {
     "refiners": ("register_refiners", "refiner"),
     "runtimes": ("register_runtimes", "runtime"),
     "engines": ("register_engines", "engine"),
+    "calibrators": ("register_calibrators", "calibrator"),
     "model_kinds": ("register_model_kinds", "model kind"),
     "model_registries": ("register_model_registries", "model registry"),
     "trackers": ("register_trackers", "tracker"),
@@ -336,6 +338,10 @@ class QcloopPluginManager(pluggy.PluginManager):
     def engines(self) -> ComponentRegistry:
         """Registered batch engines of assess and predict (``local``, ``ray``)."""
         return self.registry("engines")
+
+    def calibrators(self) -> ComponentRegistry:
+        """Registered quality calibrators (``isotonic``, ``linear``)."""
+        return self.registry("calibrators")
 
     def model_kinds(self) -> ComponentRegistry:
         """Registered model-card loaders, by model kind (``onnx``, ``torch``...)."""

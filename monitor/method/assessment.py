@@ -219,18 +219,22 @@ class Assessor:
     ) -> tuple[ScoredCase, list[np.ndarray]]:
         """Score one prepared case (image ``(Z, S, S)``, spacing in that axis order; ``origin``
         as for :meth:`candidate_probabilities`)."""
+        from qcloop.monitor.method.qc_signals import case_signals
+
         probs = self.candidate_probabilities(image, origin)
         per_candidate = []
-        for p in probs:
+        labels = [p.argmax(1) for p in probs]
+        for p, lab in zip(probs, labels, strict=True):
             recon = self.reconstruct(p)
             per_candidate.append(
-                pseudo_metrics(p.argmax(1), recon.argmax(1), spacing, voxel_units=self.voxel_units)
+                pseudo_metrics(lab, recon.argmax(1), spacing, voxel_units=self.voxel_units)
             )
         scored = ScoredCase(
             key=key,
             spacing=tuple(float(s) for s in spacing),
             candidates=per_candidate,
             decision_structure=self.decision_structure,
+            extra={"signals": case_signals(probs, labels)},
         )
         return scored, probs
 

@@ -167,12 +167,16 @@ def case_record(
     job: ViewJob,
     reconstruct: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """The record of one assessed case, with its true scores where ground truth exists, its
-    mask written with ``job.write_masks`` and its figure where ``job.figures`` asks."""
+    """The record of one assessed case, with its calibrated estimate where the run has an
+    estimator, its true scores where ground truth exists, its mask written with ``job.write_masks`` and its figure where ``job.figures`` asks."""
     from qcloop.monitor.data import save_label_map
+    from qcloop.monitor.method.quality_estimate import load_estimator
 
     rec = a.scored.to_record()
     rec["model"] = dict(job.model)
+    estimator = load_estimator(job.run, job.view)
+    if estimator is not None:
+        rec["estimate"] = estimator.estimate(rec)
     labels = None
     if a.item.case.gt is not None or job.write_masks:
         labels = restore_labels(a.item, selected_map(a))

@@ -162,8 +162,15 @@ def score_masks(
 
 def _records(scored: Sequence[ScoredCase], run: Path) -> list[dict[str, Any]]:
     """The JSON records of scored masks, with the run that scored them as ``model``."""
+    from qcloop.monitor.method.quality_estimate import load_estimator
+
     model = {"run": str(run.resolve())}
-    return [{**s.to_record(), "model": model} for s in scored]
+    records = [{**s.to_record(), "model": model} for s in scored]
+    for rec in records:
+        estimator = load_estimator(run, rec["view"])
+        if estimator is not None:
+            rec["estimate"] = estimator.estimate(rec)
+    return records
 
 
 class _MaskScorer:

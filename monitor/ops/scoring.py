@@ -27,6 +27,7 @@ from qcloop.monitor.data.preprocess import Preprocessor
 from qcloop.monitor.method.assessment import ScoredCase, pseudo_metrics, selected_probabilities
 from qcloop.monitor.method.cases import make_preprocessor, record_key
 from qcloop.monitor.method.pose import PoseReference, reconstruct_posed
+from qcloop.monitor.method.qc_signals import case_signals
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class OnlineScorer:
         cfg: QcloopConfig,
         model_info: dict[str, Any] | None = None,
         pose: PoseReference | None = None,
+        estimator: Any = None,
     ) -> None:
 
         if not fences:
@@ -86,6 +88,8 @@ class OnlineScorer:
         self.cfg = cfg
         self.model_info = dict(model_info or {})
         self.pose = pose
+        #: the run's calibrated estimate (quality_estimate.Estimator), or None
+        self.estimator = estimator
         self.preprocessor: Preprocessor = make_preprocessor(cfg, runtime.divisor)
         self.decision_structure = cfg.assessment.decision_structure
         self.voxel_units = cfg.assessment.hd_units == "voxel"
@@ -114,10 +118,11 @@ class OnlineScorer:
         sx, sy, sz = prepared.spacing
         spacing = (sz, sx, sy)
         per_candidate = []
-        for p in probs:
+        net_labels = [p.argmax(1) for p in probs]
+        for p, lab in zip(probs, net_labels, strict=True):
             recon = reconstruct_posed(self.runtime.reconstruct, p, self.pose)
             per_candidate.append(
-                pseudo_metrics(p.argmax(1), recon.argmax(1), spacing, voxel_units=self.voxel_units)
+                pseudo_metrics(lab, recon.argmax(1), spacing, voxel_units=self.voxel_units)
             )
         t3 = time.perf_counter()
         src = case.source
@@ -126,6 +131,7 @@ class OnlineScorer:
             spacing=spacing,
             candidates=per_candidate,
             decision_structure=self.decision_structure,
+            extra={"signals": case_signals(probs, net_labels)},
         )
         scored.judge(self.fences_for(src.phase))
         selected = selected_probabilities(scored, probs)
@@ -139,6 +145,8 @@ class OnlineScorer:
             "total": t4 - t0,
         }
         record = scored.to_record()
+        if self.estimator is not None:
+            record["estimate"] = self.estimator.estimate(record)
         record["runtime"] = {"name": self.runtime.name, "providers": self.runtime.providers()}
         record["model"] = self.model_info
         record["latency_s"] = timings["total"]
@@ -169,6 +177,7 @@ def load_online_scorers(
     ``runtime`` (built with ``runtime_params``: ``threads``, the ONNX runtime's ``onnx_dir``,
     ...). Fences are read without building any network the runtime does not need."""
     from qcloop.monitor.method.pose import load_pose
+    from qcloop.monitor.method.quality_estimate import load_estimator
     from qcloop.monitor.method.run_folder import (
         configured_pose,
         load_fences,
@@ -183,7 +192,8 @@ def load_online_scorers(
     for view in views or run_views(run):
         rt = build_runtime(runtime, run, view, cfg, **runtime_params)
         pose = configured_pose(cfg, load_pose(run, view), view)
-        scorers[view] = OnlineScorer(view, rt, load_fences(run, view), cfg, info, pose)
+        estimator = load_estimator(run, view)
+        scorers[view] = OnlineScorer(view, rt, load_fences(run, view), cfg, info, pose, estimator)
     if not scorers:
         raise CaseError(run, "the run has no trained view")
     return scorers

@@ -110,3 +110,25 @@ def torch_card(
     path = folder / "card.yaml"
     path.write_text(yaml.safe_dump(card, sort_keys=False))
     return path
+
+
+def qc_record(pdc: float, true: float | None, *, vendor: str = "A", entropy: float = 0.2) -> dict:
+    """A judged record of one candidate whose every structure has ``pdc`` (and ``true``)."""
+    cand = {s: {"pdc": pdc, "phd_mm": 40 * (1 - pdc), "phd95_mm": 0.0, "penalised": False}
+            for s in ("LV", "MYO", "RV")}  # fmt: skip
+    rec: dict[str, Any] = {
+        "view": "SA", "vendor": vendor, "candidates": [cand],
+        "selection": {"kind": "candidate", "index": 0, "indices": None},
+        "signals": {"entropy": [{s: entropy for s in cand}], "agreement": {s: 1.0 for s in cand}},
+    }  # fmt: skip
+    if true is not None:
+        rec["true_selected"] = {s: {"dice": true, "hd_mm": 50 * (1 - true)} for s in cand}
+    return rec
+
+
+def biased_records(n: int, seed: int) -> list[dict]:
+    """pDC that runs 0.1 below true Dice, with noise: what the calibrator should correct."""
+    rng = np.random.default_rng(seed)
+    true = rng.uniform(0.4, 0.98, n)
+    pdc = np.clip(true - 0.1 + rng.normal(0, 0.03, n), 0, 1)
+    return [qc_record(float(p), float(t)) for p, t in zip(pdc, true, strict=True)]

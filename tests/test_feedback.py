@@ -14,9 +14,12 @@ from click.testing import CliRunner
 
 from qcloop.monitor.cli.main import cli
 from qcloop.monitor.data import discover
+from qcloop.monitor.method.quality_estimate import fit_estimator, save_estimator
 from qcloop.monitor.method.segmentation_metrics import compute_metrics
 from qcloop.monitor.ops.ledger import JsonlLog
 from qcloop.monitor.ops.monitor import Monitor
+from qcloop.plugins.calibrators import IsotonicCalibrator
+from tests.helpers import biased_records
 from tests.monitor_support import champions_of, exporter_samples, monitor_cfg, read_records
 
 
@@ -32,12 +35,16 @@ def test_corrections_are_scored_stored_exported_and_bad_ones_refused(
     inbox.mkdir()
     for s in sources:
         shutil.copy2(s.image_path, inbox / s.image_path.name)
+    # a calibrated estimate in the run: records carry est_dice, feedback measures its error
+    est = fit_estimator(biased_records(60, 0), {"isotonic": IsotonicCalibrator})
+    save_estimator(run_copy / "SA", est)
     cfg = monitor_cfg(run_copy)
     with Monitor(
         inbox, out, cfg, champions_of(run_copy, ("SA",)), settle_s=0, figures="none"
     ) as mon:
         assert mon.step() == 3
         records = {r["source_file"]: r for r in read_records(out)}
+        assert all(r["estimate"]["calibrator"] == "isotonic" for r in records.values())
         corrected = out / "corrected"
         corrected.mkdir()
         good = []
@@ -66,6 +73,8 @@ def test_corrections_are_scored_stored_exported_and_bad_ones_refused(
         for s in ("LV", "MYO", "RV"):
             assert event["scores"][s]["dice"] == pytest.approx(expected[s].dice)
             assert event["error"][s] == pytest.approx(expected[s].dice - event["scores"][s]["pdc"])
+            est_dice = rec["estimate"]["structures"][s]["dice"]
+            assert event["est_error"][s] == pytest.approx(expected[s].dice - est_dice)
         assert event["flagged"] == rec["ood"]
         assert event["failed"] == (expected["RV"].dice < 0.8)
     # stored as labelled data for refinement (M&Ms-2 layout, with the image)
@@ -88,6 +97,8 @@ def test_corrections_are_scored_stored_exported_and_bad_ones_refused(
     counted = sum(v for (name, _), v in samples.items() if name == "qcloop_feedback_total")
     assert counted == 2
     assert samples[("qcloop_pdc_error_count", (("structure", "RV"), ("view", "SA")))] == 2
+    assert samples[("qcloop_est_dice_error_count", (("structure", "RV"), ("view", "SA")))] == 2
+    assert samples[("qcloop_est_dice_count", (("structure", "RV"), ("view", "SA")))] == 3
 
 
 def test_the_feedback_command_refuses_a_busy_folder_and_reports_each_mask(

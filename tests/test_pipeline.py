@@ -158,6 +158,19 @@ def test_demo_ablation_schema(tmp_path) -> None:
         assert 0 <= o["flagged"] <= o["n_cases"]
     md = (tmp_path / "demo" / "ablation.md").read_text()
     assert "| A | SA | RV |" in md
+    # the quality-estimate stage: the tiny cohort has too few reference cases, so every
+    # structure falls back to pDC, says so, and is still measured against true Dice
+    est = saved["qc_estimates"]
+    assert est["calibrator"] == "isotonic" and len(est["warnings"]) == 6
+    assert {(r["cohort"], r["view"]) for r in est["rows"]} >= {
+        ("A", "SA"),
+        ("C", "LA"),
+        ("all", "SA"),
+    }
+    assert all(r["est_mae"] == r["pdc_mae"] for r in est["rows"])  # est is pDC here
+    assert "## Quality estimates" in md and "- warning: SA RV:" in md
+    assert (tmp_path / "demo" / "calibration.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "demo" / "run" / "SA" / "estimator.json").read_text())["warnings"]
     assert (tmp_path / "demo" / "run" / "SA" / "candidates.json").exists()
     # the demo folder makes a report page (qcloop report; the demo command writes it)
     from qcloop.monitor.report.page import write_report

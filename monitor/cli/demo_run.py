@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from qcloop.monitor.cli.demo_estimate import estimate_stage, estimates_markdown
 from qcloop.monitor.core import atomic
 from qcloop.monitor.core.config import QcloopConfig, dump_config
 from qcloop.monitor.core.interfaces import Tracker
@@ -212,7 +213,9 @@ def _run_demo(
         del flagged
     with _stage(timings, "assess_refined"):
         full = evaluate_run(out / "run-refined", data, cfg)
-    tables = ablation_tables(base, full)
+    tables: dict[str, Any] = dict(ablation_tables(base, full))
+    with _stage(timings, "estimate"):
+        tables["qc_estimates"] = estimate_stage(out, data, out / "run", cfg, tracker)
     meta = {
         "command": command,
         "seconds": time.perf_counter() - t0,
@@ -226,14 +229,17 @@ def _run_demo(
 
 def _write_results(
     out: Path,
-    tables: dict[str, list[dict[str, Any]]],
+    tables: dict[str, Any],
     meta: dict[str, Any],
     base: list[CaseEvaluation],
     full: list[CaseEvaluation],
 ) -> None:
     """``ablation.json``, ``ablation.md`` and every case's evaluation (``evaluations.jsonl``)."""
     atomic.write_json(out / "ablation.json", {**tables, "meta": meta})
-    atomic.write_text(out / "ablation.md", ablation_markdown(tables, meta))
+    md = ablation_markdown(tables, meta)
+    if "qc_estimates" in tables:
+        md += estimates_markdown(tables["qc_estimates"])
+    atomic.write_text(out / "ablation.md", md)
     atomic.write_text(
         out / "evaluations.jsonl",
         "".join(json.dumps({"config": "M/M+QC", **e.to_dict()}) + "\n" for e in base)

@@ -19,7 +19,7 @@ import numpy as np
 from qcloop.monitor.method.evaluation import auroc, pearson
 from qcloop.monitor.method.quality_estimate import record_features
 
-__all__ = ["QC_COLUMNS", "qc_markdown", "qc_rows", "spearman"]
+__all__ = ["QC_COLUMNS", "case_values", "qc_markdown", "qc_rows", "spearman"]
 
 STRUCTURES = ("RV", "LV", "MYO")
 #: (column, heading) of :func:`qc_markdown`.
@@ -49,7 +49,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     return pearson(rankdata(x), rankdata(y))
 
 
-def _case_values(rec: Mapping[str, Any], structure: str) -> dict[str, Any] | None:
+def case_values(rec: Mapping[str, Any], structure: str) -> dict[str, Any] | None:
     """True Dice, pDC, the estimate and its interval of one record's structure (``None``
     without ground truth)."""
     true = (rec.get("true_selected") or {}).get(structure)
@@ -97,7 +97,7 @@ def qc_rows(
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for rec in records:
         for s in structures:
-            v = _case_values(rec, s)
+            v = case_values(rec, s)
             if v is None:
                 continue
             g = str(rec.get(group) or rec.get(group.upper()) or "-")

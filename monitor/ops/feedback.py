@@ -153,8 +153,10 @@ def take_feedback(
     except (OSError, ValueError) as exc:
         return FeedbackOutcome(path, "refused", str(exc))
     realised = compute_metrics(served, corrected, spacing)
+    calibrated = ((record.get("estimate") or {}).get("structures")) or {}
     estimated = {
         s: {"pdc": v["pdc"], "phd_mm": v["phd_mm"]}
+        | ({"est_dice": calibrated[s]["dice"]} if s in calibrated else {})
         for s, v in served_scores(record).items()
         if s in _STRUCTURES
     }
@@ -170,6 +172,7 @@ def take_feedback(
         "view": entry["view"], "phase": entry["phase"], "flagged": bool(entry["ood"]),
         "failed": failed, "scores": scores,
         "error": {s: v["dice"] - v["pdc"] for s, v in scores.items() if "pdc" in v},
+        "est_error": {s: v["dice"] - v["est_dice"] for s, v in scores.items() if "est_dice" in v},
         "corrected": str(gt), "time": utc_now(),
     }  # fmt: skip
     ledger.append(event)

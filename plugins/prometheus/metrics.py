@@ -12,6 +12,8 @@ name (all prefixed ``qcloop_``)           type       labels (from which event)
 ========================================  =========  ==========================================
 qcloop_pdc                                histogram  view, structure (scored)
 qcloop_phd_mm                             histogram  view, structure (scored)
+qcloop_est_dice                           histogram  view, structure (scored, when the run has
+                                                     a calibrated estimate)
 qcloop_cases_scored_total                 counter    view (scored)
 qcloop_cases_flagged_total                counter    view (scored)
 qcloop_model_info                         gauge      view, version, runtime: 1 for the models in use
@@ -32,6 +34,8 @@ qcloop_model_versions_registered_total    counter    name (registered)
 qcloop_promotions_total                   counter    name, alias (promoted)
 qcloop_pdc_error                          histogram  view, structure: realised Dice minus pDC
                                                      of a corrected case (feedback)
+qcloop_est_dice_error                     histogram  view, structure: realised Dice minus
+                                                     est_dice of a corrected case (feedback)
 qcloop_feedback_total                     counter    view, flagged, failed: the flag confusion
                                                      counts of corrected cases (feedback)
 ========================================  =========  ==========================================
@@ -105,6 +109,13 @@ class QcMetrics:
             "Pseudo-Hausdorff distance of scored cases in mm (best over candidates).",
             ["view", "structure"],
             buckets=PHD_BUCKETS_MM,
+            registry=r,
+        )
+        self.est_dice = Histogram(
+            "qcloop_est_dice",
+            "Calibrated Dice estimate of the QC-selected output (qcloop fit-estimator).",
+            ["view", "structure"],
+            buckets=PDC_BUCKETS,
             registry=r,
         )
         self.scored = Counter("qcloop_cases_scored", "Cases scored.", ["view"], registry=r)
@@ -198,6 +209,13 @@ class QcMetrics:
             buckets=ERROR_BUCKETS,
             registry=r,
         )
+        self.est_error = Histogram(
+            "qcloop_est_dice_error",
+            "Realised Dice of a served mask (from its late correction) minus its est_dice.",
+            ["view", "structure"],
+            buckets=ERROR_BUCKETS,
+            registry=r,
+        )
         self.feedback = Counter(
             "qcloop_feedback",
             "Corrected cases by view, whether QC flagged them and whether they failed.",
@@ -216,6 +234,8 @@ class QcMetrics:
             best_phd = min(c[s]["phd_mm"] for c in record["candidates"])
             self.pdc.labels(view, s).observe(best_pdc)
             self.phd.labels(view, s).observe(best_phd)
+        for s, e in ((record.get("estimate") or {}).get("structures") or {}).items():
+            self.est_dice.labels(view, s).observe(e["dice"])
         self.scored.labels(view).inc()
         if record.get("ood"):
             self.flagged.labels(view).inc()
@@ -274,6 +294,8 @@ class QcMetrics:
         for structure, v in event.scores.items():
             if "pdc" in v and "dice" in v:
                 self.pdc_error.labels(event.view, structure).observe(v["dice"] - v["pdc"])
+            if "est_dice" in v and "dice" in v:
+                self.est_error.labels(event.view, structure).observe(v["dice"] - v["est_dice"])
         flagged, failed = str(event.flagged).lower(), str(event.failed).lower()
         self.feedback.labels(event.view, flagged, failed).inc()
 

@@ -1,9 +1,10 @@
 """Built-in quality calibrators: ``isotonic`` (the default) and ``linear``.
 
 * ``isotonic``: a monotone, non-decreasing map of the primary signal alone (pDC for Dice, pHD
-  for HD), fitted by pool-adjacent-violators (``scipy.optimize.isotonic_regression``) and
-  interpolated linearly between the fitted points, flat beyond them. It can only re-scale pDC,
-  never reorder cases, so it keeps pDC's ranking (its Spearman r) and corrects its bias.
+  for HD), fitted by pool-adjacent-violators (``scipy.optimize.isotonic_regression``), one knot
+  per pooled block at its mean signal (centred isotonic regression, Oron & Flournoy 2017),
+  linear between knots and flat beyond them. It re-scales pDC without reordering cases inside
+  the fitted range, so it keeps pDC's ranking (its Spearman r and AUROC) and corrects its bias.
 * ``linear``: ridge regression on every signal (standardised), for teams whose cases need the
   other signals (segmenter entropy, candidate agreement) to be told apart.
 
@@ -36,7 +37,10 @@ class IsotonicCalibrator:
         self.y: np.ndarray = np.zeros(0)
 
     def fit(self, features: np.ndarray, target: np.ndarray) -> None:
-        """Pool-adjacent-violators on (feature 0, target), ties in the signal averaged."""
+        """Pool-adjacent-violators on (feature 0, target), ties in the signal averaged; each
+        pooled block becomes one knot at its weighted mean signal (centred isotonic
+        regression), so the map rises strictly between knots and keeps pDC's ranking instead
+        of tying every case of a block."""
         from scipy.optimize import isotonic_regression
 
         x = np.asarray(features, float)[:, 0]
@@ -44,8 +48,11 @@ class IsotonicCalibrator:
         ux, inverse = np.unique(x, return_inverse=True)
         weights = np.bincount(inverse).astype(float)
         means = np.bincount(inverse, weights=t) / weights
-        self.x = ux
-        self.y = isotonic_regression(means, weights=weights, increasing=True).x
+        fitted = isotonic_regression(means, weights=weights, increasing=True).x
+        block = np.concatenate([[0], np.cumsum(np.diff(fitted) != 0)])
+        w = np.bincount(block, weights=weights)
+        self.x = np.bincount(block, weights=weights * ux) / w
+        self.y = np.bincount(block, weights=weights * fitted) / w
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """The fitted map at feature 0, linear between fitted points, flat beyond them."""

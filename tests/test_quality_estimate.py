@@ -39,6 +39,14 @@ def test_isotonic_is_monotone_and_flat_beyond_its_points() -> None:
     pred = cal.predict(grid)
     assert np.all(np.diff(pred) >= 0)
     assert pred[0] == pytest.approx(0.25) and pred[-1] == pytest.approx(0.7)  # ties averaged
+    # the pooled block (0.1, 0.2) is one knot at x 0.15: strictly rising between knots, so
+    # cases inside the fitted range keep their order (pDC's ranking, Spearman r, AUROC)
+    assert cal.to_dict() == {
+        "x": pytest.approx([0.15, 0.3, 0.4]),
+        "y": pytest.approx([0.25, 0.5, 0.7]),
+    }
+    inside = cal.predict(np.array([[0.16], [0.2], [0.25], [0.35]]))
+    assert np.all(np.diff(inside) > 0) and inside[1] == pytest.approx(0.25 + 0.25 / 3)
 
 
 def test_linear_recovers_a_linear_map() -> None:
@@ -181,6 +189,16 @@ def test_fit_estimator_and_evaluate_qc_end_to_end(tiny_run, tiny_cohort, tmp_pat
         for e in rec["estimate"]["structures"].values():
             assert 0 <= e["dice"] <= 1 and (e["source"] == "pdc" or e["dice_lo"] <= e["dice"])
         assert len(rec["signals"]["entropy"]) == len(rec["candidates"])
+    # masks made elsewhere (here the ground truth itself) get the run's estimate too
+    args = ["evaluate-qc", "--run", str(run), "--data", str(tiny_cohort), "--view", "SA",
+            "--where", "SPLIT=test", "--predictions", str(tiny_cohort),
+            "--records", str(tmp_path / "pred")]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    lines = (tmp_path / "pred" / "records.jsonl").read_text().splitlines()
+    scored = [json.loads(x) for x in lines]
+    assert len(scored) == 24 and all(r["true_selected"]["RV"]["dice"] == 1.0 for r in scored)
+    assert all(r["estimate"]["calibrator"] == "isotonic" for r in scored)
     # the online path (monitor, serve) gives the same estimate for the same case
     from qcloop.monitor.data import discover, load_case
     from qcloop.monitor.ops.scoring import load_online_scorers

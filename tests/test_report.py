@@ -74,6 +74,7 @@ def test_the_page_is_self_contained_and_links_case_files_relatively(tmp_path: Pa
     folder = synthetic_output(tmp_path / "out", 30)
     records = [json.loads(x) for x in (folder / "records.jsonl").read_text().splitlines()]
     records[0]["subject"] = "</script><script>alert(1)</script>"  # an id must stay text
+    records[1]["estimate"] = {"structures": {"RV": {"dice": 0.625, "source": "calibrated"}}}
     (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "pages" / "report.html"
     info = write_report(folder, out)
@@ -87,6 +88,8 @@ def test_the_page_is_self_contained_and_links_case_files_relatively(tmp_path: Pa
     rows = _case_data(page)
     assert len(rows) == 30 and len(rows[0]) == len(CASE_COLUMNS)
     assert rows[0][0].startswith("</script>")
+    est = CASE_COLUMNS.index("est Dice")
+    assert rows[1][est] == 0.625 and rows[0][est] is None  # a run without an estimator: empty
     figure_col, mask_col = CASE_COLUMNS.index("figure"), CASE_COLUMNS.index("mask")
     for row in rows:
         assert (out.parent / row[mask_col]).resolve().is_file()  # ../out/masks/...

@@ -4,7 +4,8 @@ cases (one flagged failure of a shifted vendor, one good in-distribution case).
 
     python examples/docs-figures/make_figures.py qcloop-demo docs/img
 
-Writes demo-pdc-vs-dice.png, demo-roc.png and demo-case-<subject>-<view>-<phase>.png.
+Writes demo-pdc-vs-dice.png, demo-roc.png, demo-case-<subject>-<view>-<phase>.png and
+demo-calibration.png (the demo's own calibration.png: est_dice and pDC against true Dice).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def main(demo: Path, out: Path) -> None:
     rows = read_source(demo).rows
     _png(plots.pdc_vs_dice(rows), out / "demo-pdc-vs-dice.png")
     _png(plots.roc(rows), out / "demo-roc.png")
+    if not (demo / "calibration.png").is_file():
+        raise SystemExit(f"{demo}: no calibration.png (a demo folder from before the estimate)")
+    shutil.copyfile(demo / "calibration.png", out / "demo-calibration.png")
+    print(out / "demo-calibration.png")
     with tempfile.TemporaryDirectory() as tmp:
         # the CSV may write codes without their leading zeros (71 for folder 071)
         where = {"SUBJECT_CODE": [c for s, _, _ in CASES for c in (s, s.lstrip("0"))]}

@@ -32,6 +32,7 @@ CASE_COLUMNS = (
     "OoD",
     "pDC",
     "pHD (mm)",
+    "est Dice",
     "true Dice",
     "figure",
     "mask",
@@ -87,7 +88,7 @@ def _rel(path: Any, base: Path) -> str | None:
 def _case_rows(source: ReportSource, base: Path) -> list[list[Any]]:
     return [
         [r["id"], r["view"], r["phase"], r["vendor"], r["ood"], r["pdc"], r["phd_mm"],
-         r["true_dice"], _rel(r["figure"], base), _rel(r["mask"], base)]
+         r.get("est_dice"), r["true_dice"], _rel(r["figure"], base), _rel(r["mask"], base)]
         for r in source.rows
     ]  # fmt: skip
 

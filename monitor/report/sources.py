@@ -3,6 +3,7 @@ read into one list of case rows (and, for a monitor, its ledger events).
 
 A case row: ``id``, ``subject``, ``view``, ``phase``, ``vendor``, ``ood``, ``pdc`` and
 ``phd_mm`` (the decision structure's best values over candidates: what the fences judged),
+``est_dice`` (the calibrated estimate of the selected output, where the run has one),
 ``true_dice`` (the served mask's, where ground truth exists: a monitor's from the corrected
 masks of ``feedback`` events), ``fences`` (``pdc_low``,
 ``phd_high``), ``figure`` and ``mask`` (paths), ``seq`` and ``time`` (the monitor's order).
@@ -74,6 +75,7 @@ def _record_row(rec: dict[str, Any]) -> dict[str, Any]:
     pdcs = [v for v in pdcs if v is not None]
     phds = [v for v in phds if v is not None]
     true = (rec.get("true_selected") or {}).get(structure) or {}
+    est = ((rec.get("estimate") or {}).get("structures") or {}).get(structure) or {}
     subject, view, phase = (str(rec.get(k, "")) for k in ("subject", "view", "phase"))
     return {
         "id": str(rec.get("case_id") or f"{subject}_{view}_{phase}"),
@@ -84,6 +86,7 @@ def _record_row(rec: dict[str, Any]) -> dict[str, Any]:
         "ood": rec.get("ood"),
         "pdc": max(pdcs) if pdcs else None,
         "phd_mm": min(phds) if phds else None,
+        "est_dice": _finite(est.get("dice")),
         "true_dice": _finite(true.get("dice")),
         "fences": rec.get("fences"),
         "figure": rec.get("figure"),

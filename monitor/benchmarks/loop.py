@@ -69,10 +69,9 @@ def _time_case(scorer: Any, src: Any, sw: _Stopwatch, mask_path: Path) -> None:
     )
     from qcloop.monitor.method.cases import PreparedCase, restore_labels
     from qcloop.monitor.method.qc_signals import case_signals
-    from qcloop.monitor.method.quality_estimate import load_estimator
 
     a = scorer.assessor
-    estimator = load_estimator(scorer.job.run, scorer.job.view)
+    estimator = scorer.estimator
     with sw("read"):
         case = load_case(src)
     with sw("preprocess"):

@@ -11,15 +11,8 @@ from typing import Any
 
 import click
 
-from qcloop.monitor.cli.loop import _clear_errors, _views
+from qcloop.monitor.cli.loop import _clear_errors, _run, _view, _views
 
-_run = click.option(
-    "--run",
-    "run_dir",
-    required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Run folder (a trained or calibrated run).",
-)
 _data = click.option(
     "--data",
     "data_dir",
@@ -39,9 +32,6 @@ _predictions = click.option(
     "masks",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Score these masks (made by another tool) instead of running the run's candidates.",
-)
-_view = click.option(
-    "--view", type=click.Choice(["SA", "LA", "both"]), default="both", show_default=True
 )
 _failure = click.option(
     "--failure-dice",

@@ -32,6 +32,7 @@ from qcloop.monitor.method.case_worker import (
     selected_map,
 )
 from qcloop.monitor.method.cases import PreparedCase, load_prepared, make_preprocessor
+from qcloop.monitor.method.quality_estimate import load_estimator
 from qcloop.monitor.method.run_folder import (
     ModelSet,
     RunError,
@@ -277,9 +278,10 @@ def _transductive_outcomes(
     pre = make_preprocessor(cfg, getattr(model_set.best, "divisor", 1))
     cases = load_prepared(sources, pre, errors)
     reconstruct = make_assessor(model_set, cfg).reconstruct
+    estimator = load_estimator(job.run, job.view)
     records: list[dict[str, Any]] = []
     assess_prepared(
-        model_set, cases, cfg, lambda a: records.append(case_record(a, job, reconstruct))
+        model_set, cases, cfg, lambda a: records.append(case_record(a, job, reconstruct, estimator))
     )
     for e in errors:
         yield "skipped", {"path": str(e.path), "reason": e.reason}

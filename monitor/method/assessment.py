@@ -19,6 +19,7 @@ import numpy as np
 from qcloop.monitor.data.case import Case
 from qcloop.monitor.data.preprocess import PreprocessTransform
 from qcloop.monitor.method.pose import PoseReference, reconstruct_posed
+from qcloop.monitor.method.qc_signals import case_signals
 from qcloop.monitor.method.segmentation_metrics import (
     StructureScores,
     compute_metrics,
@@ -219,8 +220,6 @@ class Assessor:
     ) -> tuple[ScoredCase, list[np.ndarray]]:
         """Score one prepared case (image ``(Z, S, S)``, spacing in that axis order; ``origin``
         as for :meth:`candidate_probabilities`)."""
-        from qcloop.monitor.method.qc_signals import case_signals
-
         probs = self.candidate_probabilities(image, origin)
         per_candidate = []
         labels = [p.argmax(1) for p in probs]

@@ -27,6 +27,7 @@ from qcloop.monitor.method.cases import (
     make_preprocessor,
     restore_labels,
 )
+from qcloop.monitor.method.quality_estimate import Estimator, load_estimator
 from qcloop.monitor.method.run_folder import RunError, load_model_set, load_run_config
 from qcloop.monitor.report.case_figure import case_figure_png, wants_figure
 
@@ -120,6 +121,8 @@ class ViewScorer:
             _to_device(self.model_set, device)
         self.preprocessor = make_preprocessor(cfg, getattr(self.model_set.best, "divisor", 1))
         self.assessor = make_assessor(self.model_set, cfg)
+        #: the run's calibrated estimate of this view, read once (None: the run has none)
+        self.estimator = load_estimator(job.run, job.view) if job.judge else None
 
     def score(self, source: CaseSource) -> Outcome:
         """The outcome of one case; any failure is a ``skipped`` outcome naming its reason."""
@@ -135,7 +138,9 @@ class ViewScorer:
                 rec = {**scored.to_record(), "spacing": list(scored.spacing)}
                 return "record", {**rec, "model": dict(self.job.model)}
             scored.judge(reference_fences(self.model_set, case.phase))
-            rec = case_record(Assessed(item, scored, probs), self.job, self.assessor.reconstruct)
+            rec = case_record(
+                Assessed(item, scored, probs), self.job, self.assessor.reconstruct, self.estimator
+            )
         except CaseError as exc:
             log.warning("skipping %s: %s", source.key, exc)
             return "skipped", {"path": str(exc.path), "reason": exc.reason}
@@ -166,15 +171,14 @@ def case_record(
     a: Assessed,
     job: ViewJob,
     reconstruct: Callable[[np.ndarray], np.ndarray] | None = None,
+    estimator: Estimator | None = None,
 ) -> dict[str, Any]:
-    """The record of one assessed case, with its calibrated estimate where the run has an
-    estimator, its true scores where ground truth exists, its mask written with ``job.write_masks`` and its figure where ``job.figures`` asks."""
+    """The record of one assessed case, with its calibrated estimate (``estimator``, the run's
+    :func:`~qcloop.monitor.method.quality_estimate.load_estimator`), its true scores where ground truth exists, its mask written with ``job.write_masks`` and its figure where ``job.figures`` asks."""
     from qcloop.monitor.data import save_label_map
-    from qcloop.monitor.method.quality_estimate import load_estimator
 
     rec = a.scored.to_record()
     rec["model"] = dict(job.model)
-    estimator = load_estimator(job.run, job.view)
     if estimator is not None:
         rec["estimate"] = estimator.estimate(rec)
     labels = None

@@ -166,8 +166,9 @@ def _records(scored: Sequence[ScoredCase], run: Path) -> list[dict[str, Any]]:
 
     model = {"run": str(run.resolve())}
     records = [{**s.to_record(), "model": model} for s in scored]
+    estimators = {v: load_estimator(run, v) for v in {r["view"] for r in records}}
     for rec in records:
-        estimator = load_estimator(run, rec["view"])
+        estimator = estimators[rec["view"]]
         if estimator is not None:
             rec["estimate"] = estimator.estimate(rec)
     return records

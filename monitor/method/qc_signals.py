@@ -22,7 +22,12 @@ import numpy as np
 
 from qcloop.monitor import STRUCTURES
 
-__all__ = ["case_signals"]
+__all__ = ["ENTROPY_DECIMALS", "case_signals"]
+
+#: Entropy is kept to this many decimals: softmax maps differ in their last float32 bits with
+#: the number of torch threads (a Ray actor runs one, the local engine all), and a record must
+#: not depend on the engine that scored it.
+ENTROPY_DECIMALS = 4
 
 
 def _entropy(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -32,7 +37,7 @@ def _entropy(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     out = {}
     for name, label in STRUCTURES.items():
         inside = labels == label
-        out[name] = float(voxel[inside].mean()) if inside.any() else 1.0
+        out[name] = round(float(voxel[inside].mean()), ENTROPY_DECIMALS) if inside.any() else 1.0
     return out
 
 

@@ -323,23 +323,15 @@ def estimator_from_dict(data: Mapping[str, Any], calibrators: Mapping[str, Any])
 
 def load_estimator(run_dir: Path, view: str) -> Estimator | None:
     """``RUN/<view>/estimator.json`` read back (``None`` when the run has none); a malformed
-    file is a ``ValueError`` naming it."""
-    path = Path(run_dir) / view / ESTIMATOR_FILE
-    if not path.is_file():
-        return None
-    stat = path.stat()
-    return _load_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=16)
-def _load_cached(path: str, mtime_ns: int, size: int) -> Estimator:
-    """One parse per file version (workers call :func:`load_estimator` per case)."""
+    file is a ``ValueError`` naming it. Read once per scorer, not per case."""
     import json
 
     from qcloop.monitor.core.plugin_manager import get_plugin_manager
 
+    path = Path(run_dir) / view / ESTIMATOR_FILE
+    if not path.is_file():
+        return None
     try:
-        data = json.loads(Path(path).read_text())
-        return estimator_from_dict(data, get_plugin_manager().calibrators())
+        return estimator_from_dict(json.loads(path.read_text()), get_plugin_manager().calibrators())
     except (ValueError, KeyError) as exc:
         raise ValueError(f"{path}: {exc}") from exc

@@ -277,7 +277,8 @@ class BlendRefiner:
         for c in torch.randperm(len(cases), generator=tuning.generator).tolist():
             with torch.no_grad():
                 model.eval()
-                recon = torch.from_numpy(qc.reconstruct(torch.softmax(model(cases[c]), 1).numpy()))
+                probs = torch.softmax(model(cases[c]), 1).numpy()
+                recon = torch.from_numpy(qc.reconstruct(probs, image=cases[c][:, 0].numpy()))
                 target = (t * p_best[c] + (1 - t) * recon).argmax(1)
             if self.skip_incomplete and missing_structures(target.numpy()):
                 skipped.append(c)
@@ -415,8 +416,10 @@ def _pseudo_labels(
         probs = torch.cat(
             [torch.softmax(model(x[i : i + step]), 1) for i in range(0, len(x), step)]
         )
-    cases = torch.split(probs, list(case_sizes))
-    return torch.cat([torch.from_numpy(qc.reconstruct(p.numpy())) for p in cases])
+    cases = zip(torch.split(probs, list(case_sizes)), torch.split(x, list(case_sizes)), strict=True)
+    return torch.cat(
+        [torch.from_numpy(qc.reconstruct(p.numpy(), image=im[:, 0].numpy())) for p, im in cases]
+    )
 
 
 @hookimpl

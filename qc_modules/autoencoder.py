@@ -70,6 +70,8 @@ def _block(layer: nn.Module, channels: int, dropout: float) -> list[nn.Module]:
 
 class MaskAutoencoder(nn.Module):
     """Convolutional autoencoder of ``num_classes``-channel masks; outputs softmax probabilities.
+    ``in_channels`` (default ``num_classes``) widens the input for extra channels beside the mask
+    (the image-aware QC module feeds the image as one more channel).
 
     Encoder: per width, a stride-2 4x4 conv then a 3x3 conv, then a stride-2 4x4 conv to the
     ``latent_channels`` x 4 x 4 latent. Decoder: the mirror with stride-2 4x4 transposed convs,
@@ -82,10 +84,11 @@ class MaskAutoencoder(nn.Module):
         widths: Sequence[int],
         latent_channels: int,
         dropout: float,
+        in_channels: int | None = None,
     ) -> None:
         super().__init__()
         encoder: list[nn.Module] = []
-        c_in = num_classes
+        c_in = num_classes if in_channels is None else int(in_channels)
         for w in widths:
             encoder += _block(nn.Conv2d(c_in, w, 4, stride=2, padding=1, bias=False), w, dropout)
             encoder += _block(nn.Conv2d(w, w, 3, padding=1, bias=False), w, dropout)

@@ -1,4 +1,5 @@
-"""Built-in QC-module plugin: the convolutional mask autoencoder."""
+"""Built-in QC-module plugins: the paper's convolutional mask autoencoder, and the image-aware
+autoencoder of image-mask pairs."""
 
 from __future__ import annotations
 
@@ -14,7 +15,14 @@ def _autoencoder(**params: Any) -> Any:
     return AutoencoderQC(**params)
 
 
+def _image_autoencoder(**params: Any) -> Any:
+    from qcloop.qc_modules.image_autoencoder import ImageMaskQC
+
+    return ImageMaskQC(**params)
+
+
 @hookimpl
 def register_qc_modules(register: Register) -> None:
-    """Register ``autoencoder``."""
+    """Register ``autoencoder`` and ``image_autoencoder``."""
     register("autoencoder", _autoencoder)
+    register("image_autoencoder", _image_autoencoder)

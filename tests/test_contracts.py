@@ -30,6 +30,7 @@ from qcloop.monitor.core.events import Event, ServiceInfo, WindowStats
 from qcloop.monitor.core.optional import MissingExtraError
 from qcloop.monitor.core.plugin_manager import QcloopPluginManager, make_plugin_manager
 from qcloop.monitor.core.slices import FlaggedSet, SliceSet
+from qcloop.monitor.method.qc_call import call_reconstruct, needs_image
 from qcloop.monitor.method.segmentation_metrics import fov_diagonal_mm
 from tests.helpers import heart_slices, tiny_run_config
 
@@ -56,6 +57,14 @@ SMALL_PARAMS: dict[str, dict[str, dict[str, Any]]] = {
             "batch_size": 4,
             "collapse_dice": 0.0,
             "collapse_fraction": 0.0,
+        },
+        "image_autoencoder": {
+            "input_size": 32,
+            "width_scale": 0.25,
+            "latent_channels": 8,
+            "epochs": 2,
+            "batch_size": 4,
+            "collapse_dice": 0.0,
         },
     },
     "refiners": {
@@ -182,38 +191,43 @@ def test_segmenter_contract(segmenter: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def qc_masks() -> tuple[np.ndarray, np.ndarray]:
-    _, train = heart_slices(16, SIZE, seed=3)
-    _, val = heart_slices(4, SIZE, seed=4)
-    return train, val
+def qc_masks() -> dict[str, np.ndarray]:
+    """Training and validation masks, with the slices an image-aware module reads beside them."""
+    images, train = heart_slices(16, SIZE, seed=3)
+    val_images, val = heart_slices(4, SIZE, seed=4)
+    return {"train": train, "val": val, "images": images, "val_images": val_images}
 
 
-def _fitted_qc(name: str, masks: tuple[np.ndarray, np.ndarray]) -> Any:
+def _fitted_qc(name: str, data: dict[str, np.ndarray]) -> Any:
     qc = _create("qc_modules", name)
     if int(qc.input_size) != SIZE:
         pytest.skip(f"QC module {name!r} works on {qc.input_size} px masks by default")
-    history = _timed("qc_modules", name, lambda: qc.fit(masks[0], masks[1], seed=0))
+    images = {k: data[k] for k in ("images", "val_images")} if needs_image(qc) else {}
+    history = _timed(
+        "qc_modules", name, lambda: qc.fit(data["train"], data["val"], seed=0, **images)
+    )
     assert isinstance(history, dict)
     return qc
 
 
-def test_qc_module_contract(qc_module: str, qc_masks: tuple[np.ndarray, np.ndarray]) -> None:
+def test_qc_module_contract(qc_module: str, qc_masks: dict[str, np.ndarray]) -> None:
     qc = _fitted_qc(qc_module, qc_masks)
     classes = int(qc.num_classes)
     shape = (3, classes, SIZE, SIZE)
-    probs = _probabilities(qc_masks[1][:3], classes)
-    recon = qc.reconstruct(probs)
+    probs = _probabilities(qc_masks["val"][:3], classes)
+    image = qc_masks["val_images"][:3]  # reaches only a module that reads it
+    recon = call_reconstruct(qc, probs, image)
     _assert_probabilities(recon, shape)
     background = np.zeros(shape, np.float32)
     background[:, 0] = 1.0
-    _assert_probabilities(qc.reconstruct(background), shape)
+    _assert_probabilities(call_reconstruct(qc, background, image), shape)
 
     # fitting again with the same seed gives the same module; its state dict carries it
     again = _fitted_qc(qc_module, qc_masks)
-    np.testing.assert_array_equal(again.reconstruct(probs), recon)
+    np.testing.assert_array_equal(call_reconstruct(again, probs, image), recon)
     restored = _create("qc_modules", qc_module)
     restored.load_state_dict(qc.state_dict())
-    np.testing.assert_array_equal(restored.reconstruct(probs), recon)
+    np.testing.assert_array_equal(call_reconstruct(restored, probs, image), recon)
 
 
 # --------------------------------------------------------------------------- threshold strategies
@@ -277,7 +291,10 @@ class _TemplateQC:
     def __init__(self, labels: np.ndarray) -> None:
         self.template = np.eye(4, dtype=np.float32)[labels].transpose(0, 3, 1, 2)
 
-    def reconstruct(self, probabilities: np.ndarray) -> np.ndarray:
+    def reconstruct(self, probabilities: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
+        # a refiner that uses the QC module passes the case's slices (an image-aware module
+        # reads them); a refiner that never calls it (TENT) is not bound by this
+        assert image is not None and image.shape == probabilities[:, 0].shape
         n = len(probabilities)
         return (0.9 * self.template[:n] + 0.1 * probabilities).astype(np.float32)
 

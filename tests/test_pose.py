@@ -71,16 +71,30 @@ def test_reconstruction_is_taken_in_the_reference_pose_and_returned() -> None:
     assert PoseReference.from_dict(pose.to_dict()) == pytest.approx(pose)
     seen: list[float] = []
 
-    def identity(maps: np.ndarray) -> np.ndarray:
+    images: list[np.ndarray | None] = []
+
+    def identity(maps: np.ndarray, image: np.ndarray | None) -> np.ndarray:
         seen.append(case_angle(maps.argmax(1)))
+        images.append(image)
         return maps
 
     case = one_hot(heart(0.8))
     recon = pose.reconstruct(identity, case)
     assert _diff(seen[0], pose.angle) < math.radians(3)  # R saw the reference pose
     assert (recon.argmax(1) == case.argmax(1)).mean() > 0.99  # returned in the case's pose
+    assert images == [None]  # a mask-only module gets no image
     no_rv = one_hot(np.where(heart(0.8) == 3, 0, heart(0.8)))
     assert pose.reconstruct(identity, no_rv) is no_rv  # no pose: reconstructed as it is
+
+    # an image-aware module sees the image turned with the maps: its RV-bright pixels lie
+    # where the turned maps put the RV
+    image = np.where(heart(0.8) == 3, 1.0, 0.0).astype(np.float32)
+    pose.reconstruct(identity, case, image)
+    turned_rv = images[-1] > 0.5
+    assert _diff(seen[-1], pose.angle) < math.radians(3)
+    assert turned_rv.any()
+    overlap = (turned_rv & (rotate_maps(case, pose.angle - 0.8).argmax(1) == 3)).sum()
+    assert overlap / turned_rv.sum() > 0.9
 
 
 def test_configured_pose_follows_the_option() -> None:

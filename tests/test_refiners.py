@@ -29,7 +29,9 @@ class OracleQC:
     def __init__(self, label: np.ndarray) -> None:
         self.target = one_hot(torch.from_numpy(label[None].astype(np.int64)), 4).numpy()
 
-    def reconstruct(self, probabilities: np.ndarray) -> np.ndarray:
+    def reconstruct(self, probabilities: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
+        # refiners pass the case's own slices (what an image-aware QC module reads)
+        assert image is not None and image.shape == probabilities[:, 0].shape
         return np.repeat(self.target, len(probabilities), axis=0)
 
 

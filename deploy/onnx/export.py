@@ -171,12 +171,19 @@ def _export_view(
 ) -> tuple[dict[str, Any], int]:
     """Export one view into ``staging/VIEW``; its manifest entry and the segmenters' opset."""
     from qcloop.monitor.method.cases import make_preprocessor
+    from qcloop.monitor.method.qc_call import needs_image
     from qcloop.monitor.method.run_folder import RunError, load_model_set
 
     try:
         model_set = load_model_set(run, view, cfg)
     except RunError as exc:
         raise ExportError(str(exc)) from exc
+    if needs_image(model_set.qc):
+        raise ExportError(
+            f"{run}/{view}: its QC module ({cfg.qc.module.name}) reads the image beside the "
+            "masks; the ONNX export holds mask-only QC modules (one input). Serve this run "
+            "with the torch runtime (qcloop serve --runtime torch)"
+        )
     size = cfg.preprocessing.size
     divisor = int(getattr(model_set.best, "divisor", 1) or 1)
     if size % divisor:

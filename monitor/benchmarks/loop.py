@@ -81,7 +81,7 @@ def _time_case(scorer: Any, src: Any, sw: _Stopwatch, mask_path: Path) -> None:
         with sw("segment"):
             p = net_probabilities(m, item.prepared.image, a.batch_size, item.origin)
         with sw("reconstruct"):
-            recon = a.reconstruct(p)
+            recon = a.reconstruct(p, item.prepared.image)
         with sw("pseudo_metrics"):
             scores = pseudo_metrics(
                 p.argmax(1), recon.argmax(1), item.net_spacing, voxel_units=a.voxel_units

@@ -253,6 +253,26 @@ def _metrics_table(figures: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@bench.command("qc-modules")
+@click.option("--size", type=click.IntRange(min=16), default=128, show_default=True,
+              help="Slice side in pixels (4 * 2**k).")  # fmt: skip
+@click.option("--slices", type=click.IntRange(min=1), default=12, show_default=True,
+              help="Slices per case.")  # fmt: skip
+@click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--width-scale", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
+              help="Factor on every module's default widths.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def qc_modules(size: int, slices: int, repeats: int, width_scale: float, as_json: bool) -> None:
+    """Per-case reconstruction cost of every registered QC module, and its ratio to the mask
+    autoencoder (one run, interleaved timings, untrained weights)."""
+    from qcloop.monitor.benchmarks.qc_modules import qc_module_table, run_qc_module_benchmark
+
+    figures = run_qc_module_benchmark(
+        size=size, slices=slices, repeats=repeats, width_scale=width_scale
+    )
+    click.echo(json.dumps(figures, indent=2) if as_json else qc_module_table(figures))
+
+
 def _add_loop() -> None:
     from qcloop.monitor.cli.bench_loop import loop
 

@@ -53,7 +53,13 @@ class Segmenter(Protocol):
 
 @runtime_checkable
 class QCModule(Protocol):
-    """A quality-control model that reconstructs plausible masks from predicted ones."""
+    """A quality-control model that reconstructs plausible masks from predicted ones.
+
+    Optional attribute ``needs_image`` (absent = ``False``): an image-aware module sets it, and
+    the core then passes the prepared slices ``(N, H, W)`` aligned with the masks, as
+    ``fit(..., images=, val_images=)`` and ``reconstruct(probabilities, image=)``. A mask-only
+    module never receives them (the paper's autoencoder, and modules written before images).
+    """
 
     input_size: int
     num_classes: int
@@ -66,7 +72,8 @@ class QCModule(Protocol):
         seed: int = 0,
         log: Any = None,
     ) -> dict[str, Any]:
-        """Train on label masks ``(N, H, W)`` (uint8, values 0..num_classes-1); return history."""
+        """Train on label masks ``(N, H, W)`` (uint8, values 0..num_classes-1); return history.
+        An image-aware module also receives ``images=`` and ``val_images=`` ``(N, H, W)``."""
         ...
 
     def reconstruct(self, probabilities: np.ndarray) -> np.ndarray:
@@ -116,9 +123,12 @@ class ThresholdStrategy(Protocol):
 
 class CaseReconstructor(Protocol):
     """The QC module as a refiner sees it: the reconstruction of ONE case's softmax maps
-    ``(Z, C, H, W)``, taken in the training pose when pose normalisation is on."""
+    ``(Z, C, H, W)``, taken in the training pose when pose normalisation is on. A refiner passes
+    the case's slices ``(Z, H, W)`` as ``image``; they reach an image-aware QC module only."""
 
-    def reconstruct(self, probabilities: np.ndarray) -> np.ndarray: ...
+    def reconstruct(
+        self, probabilities: np.ndarray, image: np.ndarray | None = None
+    ) -> np.ndarray: ...
 
 
 #: ``still_ood(model)``: how many flagged cases one candidate still leaves outside its fences.
@@ -158,6 +168,9 @@ class Runtime(Protocol):
     ``(Z, C, S, S)``. Implementations batch the slices and build their sessions once. A factory
     is called as ``factory(run_dir, view, cfg, **params)``; ``params`` come from the caller
     (``threads``, a folder of exported models, ...).
+
+    Optional attribute ``needs_image`` (absent = ``False``): the runtime's QC module reads the
+    image, and the core calls ``reconstruct(maps, image=prepared_slices)``.
     """
 
     #: the registered name (``"torch"``, ``"onnxruntime"``).
@@ -171,8 +184,9 @@ class Runtime(Protocol):
         """Softmax maps of every candidate (best by validation Dice first)."""
         ...
 
-    def reconstruct(self, probabilities: np.ndarray) -> np.ndarray:
-        """The QC module's reconstruction of a softmax map (same shape)."""
+    def reconstruct(self, probabilities: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
+        """The QC module's reconstruction of a softmax map (same shape). The core passes
+        ``image`` (the case's prepared slices) only when the runtime sets ``needs_image``."""
         ...
 
     def providers(self) -> list[str]:

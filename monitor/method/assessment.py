@@ -197,10 +197,11 @@ class Assessor:
         self.batch_size = batch_size
         self.pose = pose
 
-    def reconstruct(self, probabilities: np.ndarray) -> np.ndarray:
+    def reconstruct(self, probabilities: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
         """The QC module's reconstruction of one case's maps ``(Z, C, S, S)``, taken in the
-        reference pose when pose normalisation is on."""
-        return reconstruct_posed(self.model_set.qc.reconstruct, probabilities, self.pose)
+        reference pose when pose normalisation is on; ``image``: the case's prepared slices
+        ``(Z, S, S)``, which an image-aware QC module reads (a mask-only one ignores them)."""
+        return reconstruct_posed(self.model_set.qc, probabilities, self.pose, image)
 
     def candidate_probabilities(
         self, image: np.ndarray, origin: CaseOrigin | None = None
@@ -224,7 +225,7 @@ class Assessor:
         per_candidate = []
         labels = [p.argmax(1) for p in probs]
         for p, lab in zip(probs, labels, strict=True):
-            recon = self.reconstruct(p)
+            recon = self.reconstruct(p, image)
             per_candidate.append(
                 pseudo_metrics(lab, recon.argmax(1), spacing, voxel_units=self.voxel_units)
             )

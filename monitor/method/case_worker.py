@@ -170,7 +170,7 @@ def _to_device(model_set: Any, device: str) -> None:
 def case_record(
     a: Assessed,
     job: ViewJob,
-    reconstruct: Callable[[np.ndarray], np.ndarray] | None = None,
+    reconstruct: Callable[..., np.ndarray] | None = None,
     estimator: Estimator | None = None,
 ) -> dict[str, Any]:
     """The record of one assessed case, with its calibrated estimate (``estimator``, the run's
@@ -212,14 +212,14 @@ def _published(path: Path, job: ViewJob) -> str:
 
 
 def _figure(
-    a: Assessed, rec: dict[str, Any], out: Path, reconstruct: Callable[[np.ndarray], np.ndarray]
+    a: Assessed, rec: dict[str, Any], out: Path, reconstruct: Callable[..., np.ndarray]
 ) -> None:
     """Draw the case's QC figure into ``out/figures/``; a failure is recorded, never raised."""
     src = a.item.case.source
     path = out / "figures" / f"{src.subject}_{src.view}_{src.phase}.png"
     try:
         selected = selected_map(a)
-        recon = reconstruct(selected).argmax(1)
+        recon = reconstruct(selected, a.item.prepared.image).argmax(1)
         png = case_figure_png(a.item.prepared.image, selected.argmax(1), recon, rec)
         atomic.write_bytes(path, png)
     except Exception as exc:  # the record matters more than its picture

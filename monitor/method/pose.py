@@ -19,12 +19,14 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from qcloop.monitor import STRUCTURES
+from qcloop.monitor.method.qc_call import call_reconstruct
 
 __all__ = [
     "PoseReference",
@@ -32,6 +34,7 @@ __all__ = [
     "load_pose",
     "reconstruct_posed",
     "reference_angle",
+    "rotate_image",
     "rotate_maps",
 ]
 
@@ -65,10 +68,23 @@ def reference_angle(stacks: Sequence[np.ndarray]) -> float:
 def rotate_maps(maps: np.ndarray, delta: float) -> np.ndarray:
     """Probability maps ``(Z, C, H, W)`` rotated in-plane by ``delta`` radians about the centre
     (a case's :func:`case_angle` grows by ``delta``); uncovered corners become background."""
+    out = _rotate(maps, delta)
+    out[:, 0] += 1.0 - out.sum(1)  # the mass sampled from outside the image is background
+    return out
+
+
+def rotate_image(image: np.ndarray, delta: float) -> np.ndarray:
+    """Prepared slices ``(Z, H, W)`` rotated as :func:`rotate_maps` turns their maps; uncovered
+    corners become 0 (the mean of a normalised image)."""
+    return _rotate(image[:, None], delta)[:, 0]
+
+
+def _rotate(x_np: np.ndarray, delta: float) -> np.ndarray:
+    """``(Z, C, H, W)`` rotated by ``delta`` radians (bilinear, zeros outside)."""
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))
+    x = torch.from_numpy(np.ascontiguousarray(x_np, dtype=np.float32))
     if x.ndim != 4:
         raise ValueError(f"expected maps (Z, C, H, W), got shape {tuple(x.shape)}")
     c, s = math.cos(delta), math.sin(delta)
@@ -76,7 +92,6 @@ def rotate_maps(maps: np.ndarray, delta: float) -> np.ndarray:
     theta = torch.tensor([[c, s, 0.0], [-s, c, 0.0]], dtype=torch.float32)
     grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    out[:, 0] += 1.0 - out.sum(1)  # the mass sampled from outside the image is background
     return out.numpy()
 
 
@@ -88,15 +103,20 @@ class PoseReference:
     n_cases: int
 
     def reconstruct(
-        self, reconstruct: Callable[[np.ndarray], np.ndarray], probabilities: np.ndarray
+        self,
+        reconstruct: Callable[[np.ndarray, np.ndarray | None], np.ndarray],
+        probabilities: np.ndarray,
+        image: np.ndarray | None = None,
     ) -> np.ndarray:
-        """``reconstruct`` of one case's maps ``(Z, C, H, W)`` taken in the reference pose and
-        returned in the case's own pose."""
+        """``reconstruct(maps, image)`` of one case's maps ``(Z, C, H, W)`` taken in the
+        reference pose and returned in the case's own pose; the case's image ``(Z, H, W)``, when
+        given, is turned with the maps."""
         angle = case_angle(probabilities.argmax(1))
         if angle is None:
-            return reconstruct(probabilities)
+            return reconstruct(probabilities, image)
         delta = _wrap(self.angle - angle)
-        recon = reconstruct(rotate_maps(probabilities, delta))
+        posed_image = None if image is None else rotate_image(image, delta)
+        recon = reconstruct(rotate_maps(probabilities, delta), posed_image)
         return rotate_maps(recon, -delta)
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,14 +135,16 @@ class PoseReference:
 
 
 def reconstruct_posed(
-    reconstruct: Callable[[np.ndarray], np.ndarray],
+    qc: Any,
     probabilities: np.ndarray,
     pose: PoseReference | None,
+    image: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``reconstruct`` of one case's maps, taken in ``pose`` when one is given."""
+    """The QC module's (or runtime's) reconstruction of one case's maps, taken in ``pose`` when
+    one is given; ``image`` (the case's prepared slices) reaches a module that reads it."""
     if pose is None:
-        return reconstruct(probabilities)
-    return pose.reconstruct(reconstruct, probabilities)
+        return call_reconstruct(qc, probabilities, image)
+    return pose.reconstruct(partial(call_reconstruct, qc), probabilities, image)
 
 
 def load_pose(run: str | Path, view: str) -> PoseReference | None:

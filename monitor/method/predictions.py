@@ -47,6 +47,7 @@ from qcloop.monitor.method.mask_files import (
     parse_label_map,
     read_mask,
 )
+from qcloop.monitor.method.qc_call import needs_image
 from qcloop.monitor.method.qc_train import load_qc_set, qc_views
 from qcloop.monitor.method.run_folder import ModelSet, RunError, load_run_config
 
@@ -188,14 +189,18 @@ class _MaskScorer:
         """The QC scores of one mask; ``CaseError`` naming the image or mask at fault."""
         case = load_case(match.source)
         labels = read_mask(match.mask, case, self.label_map)
-        transform = self.preprocessor.transform_for(case.shape, case.spacing)
+        image = None
+        if needs_image(self.assessor.model_set.qc):  # prepared as the QC module was trained
+            image, transform = self.preprocessor.prepare_image(case.image, case.spacing)
+        else:
+            transform = self.preprocessor.transform_for(case.shape, case.spacing)
         net = transform.apply_labels(labels)
         probs = np.ascontiguousarray(
             np.eye(_NUM_CLASSES, dtype=np.float32)[net].transpose(0, 3, 1, 2)
         )
         sx, sy = transform.resampled_spacing
         spacing = (float(case.spacing[2]), float(sx), float(sy))
-        recon = self.assessor.reconstruct(probs)
+        recon = self.assessor.reconstruct(probs, image)
         scores = pseudo_metrics(
             net, recon.argmax(1), spacing, voxel_units=self.assessor.voxel_units
         )

@@ -33,6 +33,7 @@ from qcloop.monitor.method.cases import (
     split_labelled,
 )
 from qcloop.monitor.method.pose import POSE_FILE, PoseReference, load_pose
+from qcloop.monitor.method.qc_call import needs_image
 from qcloop.monitor.method.run_folder import (
     VIEWS,
     ModelSet,
@@ -102,11 +103,16 @@ def train_qc_module(
     masks' reference pose and the QC module's history (``training/qc_history.json``)."""
     view = data.view
     qc = build_qc_module(cfg.qc.module.name, qc_params(cfg, view, len(data.slices)))
+    images: dict[str, np.ndarray] = {}
+    if needs_image(qc):  # an image-aware module learns image-mask pairs
+        images["images"] = data.slices.images[:, 0]
+        images["val_images"] = np.concatenate([v.image for v in data.val])
     qc_history = qc.fit(
         data.slices.labels,
         np.concatenate([v.labels for v in data.val]),
         seed=cfg.seed,
         log=tracker.log_metrics,  # the QC module names its figures qc/...
+        **images,
     )
     atomic.torch_save(qc.state_dict(), view_dir / QC_FILE)
     try:

@@ -278,10 +278,11 @@ def assess_window(
 
 @dataclass(frozen=True)
 class CaseQC:
-    """The QC module as refiners see it: ``reconstruct`` of one case's softmax maps
-    ``(Z, C, S, S)``, in the reference pose when pose normalisation is on."""
+    """The QC module as refiners see it: ``reconstruct(maps, image=None)`` of one case's softmax
+    maps ``(Z, C, S, S)`` and prepared slices ``(Z, S, S)``, in the reference pose when pose
+    normalisation is on."""
 
-    reconstruct: Callable[[np.ndarray], np.ndarray]
+    reconstruct: Callable[..., np.ndarray]
 
 
 def count_still_ood(
@@ -300,7 +301,7 @@ def count_still_ood(
     n = 0
     for i, (a, f) in enumerate(zip(flagged, fences, strict=True)):
         probs = probabilities(i)
-        recon = assessor.reconstruct(probs)
+        recon = assessor.reconstruct(probs, a.item.prepared.image)
         scores = pseudo_metrics(
             probs.argmax(1),
             recon.argmax(1),

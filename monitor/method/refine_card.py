@@ -48,6 +48,7 @@ from qcloop.monitor.method.cases import (
     make_preprocessor,
 )
 from qcloop.monitor.method.external import CardPredictor
+from qcloop.monitor.method.qc_call import needs_image
 from qcloop.monitor.method.refine import assess_window, count_still_ood
 from qcloop.monitor.method.run_folder import RunError, load_model_set
 
@@ -149,8 +150,9 @@ class CardGridQC:
     qc_spacing: float
     qc_size: int
 
-    def reconstruct(self, probabilities: np.ndarray) -> np.ndarray:
-        """Reconstruction ``(Z, C, S, S)`` on the card's grid of maps on the card's grid."""
+    def reconstruct(self, probabilities: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
+        """Reconstruction ``(Z, C, S, S)`` on the card's grid of maps on the card's grid.
+        ``image`` is not used: a card is refined with a mask-only QC module."""
         on_qc = resample_centred(probabilities, self.card_spacing, self.qc_size, self.qc_spacing)
         recon = self.reconstruct_qc(on_qc)
         return resample_centred(recon, self.qc_spacing, self.card_size, self.card_spacing)
@@ -193,6 +195,11 @@ def refine_card_view(
     if not isinstance(predictor, CardPredictor):
         raise RunError(f"{run}/{view}: its candidate is not a model card")
     problem = card_refinement_problem(predictor)
+    if problem is None and needs_image(model_set.qc):
+        problem = (
+            "its QC module reads the image, and a card's slices are prepared as the card says, "
+            "not as the QC module was trained; refine it with a mask-only QC module"
+        )
     if problem:
         raise RunError(f"{run}: cannot refine {view}: {problem}")
     qc_pre = make_preprocessor(cfg)

@@ -120,7 +120,7 @@ class OnlineScorer:
         per_candidate = []
         net_labels = [p.argmax(1) for p in probs]
         for p, lab in zip(probs, net_labels, strict=True):
-            recon = reconstruct_posed(self.runtime.reconstruct, p, self.pose)
+            recon = reconstruct_posed(self.runtime, p, self.pose, prepared.image)
             per_candidate.append(
                 pseudo_metrics(lab, recon.argmax(1), spacing, voxel_units=self.voxel_units)
             )
@@ -159,7 +159,7 @@ class OnlineScorer:
 
         if result.prepared_image is None or result.selected is None:
             raise ValueError("the result keeps no prepared image: it cannot be drawn")
-        recon = reconstruct_posed(self.runtime.reconstruct, result.selected, self.pose)
+        recon = reconstruct_posed(self.runtime, result.selected, self.pose, result.prepared_image)
         return case_figure_png(
             result.prepared_image, result.selected.argmax(1), recon.argmax(1), result.record
         )

@@ -10,6 +10,7 @@ import numpy as np
 from qcloop.monitor import hookimpl
 from qcloop.monitor.core.config import QcloopConfig
 from qcloop.monitor.core.hookspecs import Register
+from qcloop.monitor.method.qc_call import call_reconstruct, needs_image
 
 if TYPE_CHECKING:  # pragma: no cover
     from qcloop.monitor.method.assessment import CaseOrigin
@@ -26,6 +27,8 @@ class TorchRuntime:
         self.divisor = int(getattr(model_set.best, "divisor", 1))
         self.n_candidates = len(model_set.candidates)
         self.batch_size = int(batch_size)
+        #: whether the QC module reads the image beside the maps (``reconstruct(maps, image=)``)
+        self.needs_image = needs_image(model_set.qc)
         for model in model_set.candidates:
             if hasattr(model, "eval"):  # a model-card candidate runs as its card says
                 model.eval()
@@ -43,9 +46,10 @@ class TorchRuntime:
                 for m in self.model_set.candidates
             ]
 
-    def reconstruct(self, probabilities: np.ndarray) -> np.ndarray:
-        """The QC module's reconstruction."""
-        return self.model_set.qc.reconstruct(probabilities)
+    def reconstruct(self, probabilities: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
+        """The QC module's reconstruction (``image``: the case's prepared slices, for a QC module
+        that reads them)."""
+        return call_reconstruct(self.model_set.qc, probabilities, image)
 
     def providers(self) -> list[str]:
         """``["torch:cpu"]`` or ``["torch:cuda"]``: the device of the first candidate's weights;

@@ -265,7 +265,8 @@ class ImageMaskQC:
 
     def _input(self, image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """The network input ``(N, 1 + C, S, S)``: the image, then the mask channels."""
-        return torch.cat([image[:, None].float(), masks.float()], 1).to(self.device)
+        device = next(self.net.parameters()).device
+        return torch.cat([image[:, None].float(), masks.float()], 1).to(device)
 
     def _reconstruct_batched(self, masks: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         was_training = self.net.training

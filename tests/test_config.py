@@ -90,6 +90,8 @@ EXPECTED_DEFAULT: dict[str, Any] = {
         "alert_alpha": 0.01,
         "ood_fraction_limit": 0.3,
         "median_pdc_shift_limit": 0.1,
+        "drift_score": "pdc",
+        "min_median_est_dice": 0.8,
         "refine_on_alert": True,
         "http_host": "127.0.0.1",
         "http_port": 9308,

@@ -26,7 +26,7 @@ from qcloop.deploy.serve.model_source import ModelBundle
 from qcloop.deploy.serve.upload import UploadLimits, UploadProblem, inspect_upload, store_upload
 from qcloop.monitor.core.config import QcloopConfig
 from qcloop.monitor.core.events import CaseFailed, CaseScored, Event, ModelsLoaded
-from qcloop.monitor.ops.drift import decision_pdc
+from qcloop.monitor.ops.drift import decision_est, decision_pdc
 from qcloop.monitor.ops.windows import ViewWindows
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ class ServeService:
         record = _finite(record)
         self.events.emit(CaseScored(record))
         if pdc is not None:
-            self.windows.add(view, bool(record.get("ood")), pdc)
+            self.windows.add(view, bool(record.get("ood")), pdc, est=decision_est(record))
         return record, payload, png
 
     def close(self) -> None:

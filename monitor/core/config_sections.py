@@ -279,6 +279,20 @@ class MonitoringConfig(_Section):
         description="Alert when the window's median decision pDC falls this far below the "
         "reference median (the validation cases at calibration).",
     )
+    drift_score: Literal["pdc", "est"] = Field(
+        default="pdc",
+        description="The quality score whose window median the drift policy watches: 'pdc' "
+        "(the paper's pseudo-Dice, against the reference median and median_pdc_shift_limit) "
+        "or 'est' (the calibrated est_dice of the decision structure, against the absolute "
+        "floor min_median_est_dice; needs RUN/<VIEW>/estimator.json from qcloop "
+        "fit-estimator). The OoD-flag rule is the same for both.",
+    )
+    min_median_est_dice: float = Field(
+        default=0.8,
+        ge=0.0,
+        le=1.0,
+        description="drift_score est: alert when the window's median est_dice falls below this.",
+    )
     refine_on_alert: bool = Field(
         default=True, description="Run the refiner on the flagged window when an alert fires."
     )

@@ -76,21 +76,33 @@ class Event:
 @dataclass(frozen=True)
 class WindowStats:
     """A rolling window's summary: ``n`` cases, the fraction flagged OoD, the median decision
-    pDC (``None`` when the window is empty)."""
+    pDC (``None`` when the window is empty) and the median calibrated ``est_dice`` of the
+    decision structure (``None`` when no case of the window carries an estimate)."""
 
     n: int
     ood_fraction: float
     median_pdc: float | None
+    median_est: float | None = None
 
     def __post_init__(self) -> None:
         if self.n < 0 or not 0.0 <= self.ood_fraction <= 1.0:
             raise ValueError(f"invalid window statistics: n={self.n}, fraction={self.ood_fraction}")
-        if self.median_pdc is not None and not math.isfinite(self.median_pdc):
-            raise ValueError(f"non-finite window median pDC {self.median_pdc!r}")
+        for name in ("median_pdc", "median_est"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"non-finite window {name} {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {"n": self.n, "ood_fraction": self.ood_fraction, "median_pdc": self.median_pdc}
+        """JSON-ready form (``median_est`` only when the window has estimates, so consumers
+        written before it see the same dict)."""
+        out: dict[str, Any] = {
+            "n": self.n,
+            "ood_fraction": self.ood_fraction,
+            "median_pdc": self.median_pdc,
+        }
+        if self.median_est is not None:
+            out["median_est"] = self.median_est
+        return out
 
 
 @dataclass

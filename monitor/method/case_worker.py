@@ -163,6 +163,8 @@ def _to_device(model_set: Any, device: str) -> None:
     qc = model_set.qc
     if isinstance(qc, torch.nn.Module):
         qc.to(device)
+    if isinstance(getattr(qc, "net", None), torch.nn.Module):  # the built-in QC modules
+        qc.net.to(device)
     if hasattr(qc, "device"):
         qc.device = device
 

@@ -14,6 +14,20 @@ from typing import Any
 from qcloop.monitor.core.events import WindowStats
 
 
+def decision_est(record: dict[str, Any]) -> float | None:
+    """A record's calibrated ``est_dice`` of its decision structure (the mean over structures
+    for ``"mean"``), or ``None`` when the record carries no estimate."""
+    structures = (record.get("estimate") or {}).get("structures") or {}
+    structure = record.get("decision_structure", "RV")
+    scored = record.get("candidates") or [{}]
+    names = list(scored[0]) if structure == "mean" else [structure]  # every scored structure
+    values = [structures[s]["dice"] for s in names if s in structures]
+    if not values or len(values) != len(names):
+        return None
+    value = float(sum(values) / len(values))
+    return value if math.isfinite(value) else None
+
+
 def decision_pdc(record: dict[str, Any]) -> float:
     """A record's best decision-structure pDC over candidates (what its fences judged).
 
@@ -44,19 +58,23 @@ class RollingWindow:
             raise ValueError(f"window size must be >= 1, got {size}")
         self.size = int(size)
         self._cases: deque[tuple[bool, float, Any]] = deque(maxlen=self.size)
+        self._est: deque[float | None] = deque(maxlen=self.size)
 
     def __len__(self) -> int:
         return len(self._cases)
 
-    def add(self, ood: bool, pdc: float, item: Any = None) -> None:
-        """Append one case (the oldest drops out when full)."""
+    def add(self, ood: bool, pdc: float, item: Any = None, est: float | None = None) -> None:
+        """Append one case (the oldest drops out when full); ``est``: its decision est_dice."""
         if not math.isfinite(pdc):
             raise ValueError(f"non-finite pDC {pdc!r}")
+        if est is not None and not math.isfinite(est):
+            raise ValueError(f"non-finite est_dice {est!r}")
         self._cases.append((bool(ood), float(pdc), item))
+        self._est.append(None if est is None else float(est))
 
     def add_record(self, record: dict[str, Any]) -> None:
         """Append a case from its JSON record."""
-        self.add(bool(record.get("ood")), decision_pdc(record))
+        self.add(bool(record.get("ood")), decision_pdc(record), est=decision_est(record))
 
     def extend(self, records: Iterable[dict[str, Any]]) -> None:
         """Append several records in order."""
@@ -66,6 +84,7 @@ class RollingWindow:
     def clear(self) -> None:
         """Forget every case (after a refinement the window starts again)."""
         self._cases.clear()
+        self._est.clear()
 
     def pairs(self) -> list[tuple[bool, float]]:
         """The (OoD flag, decision pDC) of every case, oldest first."""
@@ -76,13 +95,16 @@ class RollingWindow:
         return [item for _, _, item in self._cases]
 
     def stats(self) -> WindowStats:
-        """Size, OoD fraction and median pDC of the window (fraction 0 and no median if empty)."""
+        """Size, OoD fraction, median pDC and median est_dice of the window (fraction 0 and no
+        median if empty; no est median when no case has an estimate)."""
         n = len(self._cases)
         if n == 0:
             return WindowStats(0, 0.0, None)
         flagged = sum(1 for ood, _, _ in self._cases if ood)
         median = statistics.median(p for _, p, _ in self._cases)
-        return WindowStats(n, flagged / n, float(median))
+        ests = [e for e in self._est if e is not None]
+        median_est = float(statistics.median(ests)) if ests else None
+        return WindowStats(n, flagged / n, float(median), median_est)
 
 
 @dataclass(frozen=True)
@@ -94,6 +116,8 @@ class DriftLimits:
     median_pdc_shift_limit: float = 0.1
     rule: str = "binomial"
     alert_alpha: float = 0.01
+    score: str = "pdc"
+    min_median_est_dice: float = 0.8
 
     @classmethod
     def from_config(cls, monitoring: Any) -> DriftLimits:
@@ -104,6 +128,8 @@ class DriftLimits:
             median_pdc_shift_limit=float(monitoring.median_pdc_shift_limit),
             rule=str(monitoring.drift_rule),
             alert_alpha=float(monitoring.alert_alpha),
+            score=str(monitoring.drift_score),
+            min_median_est_dice=float(monitoring.min_median_est_dice),
         )
 
 
@@ -158,8 +184,9 @@ def judge_drift(
     """Apply the drift policy to a window's statistics.
 
     Alert when the window holds at least ``min_cases`` cases and either its OoD flags are too
-    many, or its median decision pDC is below ``reference_median - median_pdc_shift_limit``
-    (needs a reference median). Too many flags: with the ``binomial`` rule and a reference
+    many, or its quality fell: with ``score == "pdc"`` its median decision pDC is below
+    ``reference_median - median_pdc_shift_limit`` (needs a reference median); with ``"est"`` its
+    median est_dice is below ``min_median_est_dice`` (needs estimates in the window). Too many flags: with the ``binomial`` rule and a reference
     flag rate ``flags``, a window this flagged or more has probability below ``alert_alpha``
     under that rate; otherwise (rule ``fixed``, or no reference rate) the OoD fraction is above
     ``ood_fraction_limit``.
@@ -169,7 +196,13 @@ def judge_drift(
         flag_reason = _flag_reason(stats, limits, flags)
         if flag_reason:
             reasons.append(flag_reason)
-        if reference_median is not None and stats.median_pdc is not None:
+        if limits.score == "est":
+            if stats.median_est is not None and stats.median_est < limits.min_median_est_dice:
+                reasons.append(
+                    f"median est Dice {stats.median_est:.3f} < floor "
+                    f"{limits.min_median_est_dice:.3f}"
+                )
+        elif reference_median is not None and stats.median_pdc is not None:
             floor = reference_median - limits.median_pdc_shift_limit
             if stats.median_pdc < floor:
                 reasons.append(

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qcloop.monitor.ops.drift import decision_pdc
+from qcloop.monitor.ops.drift import decision_est, decision_pdc
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,8 @@ class WindowCase:
     processed: str
     ood: bool
     pdc: float
+    #: its decision est_dice (``None``: no estimator, or a ledger written before estimates)
+    est: float | None = None
 
     @classmethod
     def from_entry(cls, entry: dict[str, Any]) -> WindowCase:
@@ -185,6 +187,7 @@ class WindowCase:
             str(entry["processed"]),
             bool(entry["ood"]),
             float(entry["decision_pdc"]),
+            None if entry.get("decision_est") is None else float(entry["decision_est"]),
         )
 
 
@@ -203,6 +206,7 @@ def case_entry(record: dict[str, Any]) -> dict[str, Any]:
         "mask": record["mask"],
         "ood": bool(record.get("ood")),
         "decision_pdc": decision_pdc(record),
+        "decision_est": decision_est(record),
         "model_version": str((record.get("model") or {}).get("version", "")),
         "time": record.get("scored_at", utc_now()),
     }

@@ -44,6 +44,7 @@ from qcloop.monitor.core.http_endpoint import HttpEndpoint
 from qcloop.monitor.core.interfaces import ModelRef, ModelRegistry
 from qcloop.monitor.core.plugin_manager import apply_plugin_settings
 from qcloop.monitor.data.nifti_header import HeaderLimits
+from qcloop.monitor.method.run_folder import RunError
 from qcloop.monitor.ops.alerts import AlertPolicy
 from qcloop.monitor.ops.drift import DriftLimits
 from qcloop.monitor.ops.feedback import take_corrections
@@ -194,6 +195,7 @@ class Monitor:
             view,
             [(c.ood, c.pdc) for c in cases],
             items=cases,
+            ests=[c.est for c in cases],
             model_version=str(champion.version),
             reference_median=served.reference_median,
         )
@@ -204,6 +206,12 @@ class Monitor:
     def _served(self, view: str, champion: ModelRef) -> ServedView:
         """A view's scorer and reference median for ``champion``."""
         scorer = self._scorer(view, champion)
+        if self.cfg.monitoring.drift_score == "est" and scorer.estimator is None:
+            raise RunError(
+                f"{champion.run_dir}/{view}: monitoring.drift_score is est, and this model has "
+                f"no calibrated estimate ({view}/estimator.json); fit one with qcloop "
+                "fit-estimator, or watch pdc"
+            )
         entry = cached_reference(self.out, champion, scorer)
         median = None if entry is None else float(entry["median_pdc"])
         flags = flag_reference(entry)
@@ -446,7 +454,7 @@ class Monitor:
         """A scored case enters its view's window; the drift policy judges the window."""
         view = str(entry["view"])
         case = WindowCase.from_entry(entry)
-        stats = self.windows.add(view, case.ood, case.pdc, case)
+        stats = self.windows.add(view, case.ood, case.pdc, case, case.est)
         with self._lock:
             served = self.views[view]
         self.alerts.after_case(

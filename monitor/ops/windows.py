@@ -75,12 +75,15 @@ class ViewWindows:
         with self._lock:
             return sorted(self._views)
 
-    def add(self, view: str, ood: bool, pdc: float, item: Any = None) -> WindowStats:
-        """One scored case enters ``view``'s window (the oldest drops out when full); emits
-        cause ``"case"`` and returns the window's statistics."""
+    def add(
+        self, view: str, ood: bool, pdc: float, item: Any = None, est: float | None = None
+    ) -> WindowStats:
+        """One scored case enters ``view``'s window (the oldest drops out when full; ``est``:
+        its decision est_dice, when the run has an estimator); emits cause ``"case"`` and
+        returns the window's statistics."""
         with self._lock:
             state = self._view(view)
-            state.window.add(ood, pdc, item)
+            state.window.add(ood, pdc, item, est)
             return self._publish(view, state, "case")
 
     def reset(
@@ -102,19 +105,24 @@ class ViewWindows:
         model_version: str,
         reference_median: float | None,
         items: Sequence[Any] | None = None,
+        ests: Sequence[float | None] | None = None,
     ) -> WindowStats:
         """Refill ``view``'s window with (OoD flag, decision pDC) pairs, oldest first (only the
         last ``size`` stay), with their payloads ``items`` when given; emits cause
         ``"restore"``. A restarted service calls it once per view (with no pair: an empty
-        window), which also announces the view's model and reference."""
+        window), which also announces the view's model and reference. ``ests``: the cases'
+        decision est_dice, when known."""
         pairs = list(pairs)
         if items is not None and len(items) != len(pairs):
             raise ValueError(f"{view}: {len(items)} items for {len(pairs)} window cases")
+        if ests is not None and len(ests) != len(pairs):
+            raise ValueError(f"{view}: {len(ests)} estimates for {len(pairs)} window cases")
         with self._lock:
             state = self._view(view)
             state.window.clear()
             for i, (ood, pdc) in enumerate(pairs):
-                state.window.add(ood, pdc, None if items is None else items[i])
+                item = None if items is None else items[i]
+                state.window.add(ood, pdc, item, None if ests is None else ests[i])
             state.model_version, state.reference_median = str(model_version), reference_median
             return self._publish(view, state, "restore")
 

@@ -173,6 +173,12 @@ class QcMetrics:
             ["view"],
             registry=r,
         )
+        self.est_median = Gauge(
+            "qcloop_est_dice_window_median",
+            "Median decision-structure est_dice (calibrated estimate) in the rolling window.",
+            ["view"],
+            registry=r,
+        )
         self.pdc_reference = Gauge(
             "qcloop_pdc_reference_median",
             "Median decision-structure pDC of the reference (validation) cases.",
@@ -279,6 +285,11 @@ class QcMetrics:
         else:
             with contextlib.suppress(KeyError):
                 self.pdc_median.remove(view)
+        if stats.median_est is not None:
+            self.est_median.labels(view).set(stats.median_est)
+        else:
+            with contextlib.suppress(KeyError):
+                self.est_median.remove(view)
         if event.reference_median is not None:
             self.pdc_reference.labels(view).set(event.reference_median)
         else:

@@ -1,0 +1,119 @@
+"""The drift policy on the calibrated estimate (``monitoring.drift_score: est``): the window's
+median est_dice against an absolute floor, carried through the ledger across a restart, and
+refused for a model that has no estimator."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from qcloop.monitor import WindowStats
+from qcloop.monitor.cli.main import cli
+from qcloop.monitor.method.run_folder import RunError
+from qcloop.monitor.ops.drift import DriftLimits, RollingWindow, decision_est, judge_drift
+from qcloop.monitor.ops.ledger import JsonlLog, WindowCase, case_entry
+from qcloop.monitor.ops.monitor import Monitor
+from tests.monitor_support import champions_of, exporter_samples, feed_inbox, monitor_cfg
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def record(est: dict[str, float] | None, structure: str = "RV") -> dict:
+    rec = {"decision_structure": structure, "ood": False,
+           "candidates": [{"LV": {"pdc": 0.9}, "MYO": {"pdc": 0.8}, "RV": {"pdc": 0.4}}]}  # fmt: skip
+    if est is not None:
+        rec["estimate"] = {"structures": {s: {"dice": v} for s, v in est.items()}}
+    return rec
+
+
+def test_decision_est_reads_the_decision_structure_or_nothing() -> None:
+    assert decision_est(record({"LV": 0.9, "MYO": 0.7, "RV": 0.6})) == 0.6
+    assert decision_est(record({"LV": 0.9, "MYO": 0.7, "RV": 0.5}, "mean")) == pytest.approx(0.7)
+    assert decision_est(record(None)) is None
+    assert decision_est(record({"LV": 0.9}, "RV")) is None  # not the decision structure
+    assert decision_est(record({"LV": 0.9, "RV": 0.5}, "mean")) is None  # MYO missing
+    assert decision_est(record({"RV": float("nan")})) is None
+
+
+def test_the_window_keeps_both_medians_and_the_rule_picks_one() -> None:
+    window = RollingWindow(4)
+    for est in (0.9, None, 0.7, 0.6, 0.65):  # the first drops out
+        window.add(False, 0.5, est=est)
+    stats = window.stats()
+    assert stats.median_pdc == 0.5 and stats.median_est == 0.65  # None is not a 0
+    assert stats.to_dict()["median_est"] == 0.65
+    assert "median_est" not in RollingWindow(2).stats().to_dict()
+    with pytest.raises(ValueError, match="non-finite est_dice"):
+        window.add(False, 0.5, est=float("inf"))
+
+    pdc_rule = DriftLimits(min_cases=4, median_pdc_shift_limit=0.1)
+    est_rule = DriftLimits(min_cases=4, score="est", min_median_est_dice=0.8)
+    low_pdc_good_est = WindowStats(10, 0.0, 0.5, 0.85)
+    assert judge_drift(low_pdc_good_est, 0.9, pdc_rule).alert  # pDC fell 0.4 below reference
+    assert not judge_drift(low_pdc_good_est, 0.9, est_rule).alert  # the estimate says fine
+    d = judge_drift(WindowStats(10, 0.0, 0.95, 0.7), 0.9, est_rule)
+    assert d.alert and d.reasons == ("median est Dice 0.700 < floor 0.800",)
+    assert not judge_drift(WindowStats(10, 0.0, 0.95, None), 0.9, est_rule).alert
+    assert not judge_drift(WindowStats(3, 0.0, 0.95, 0.1), 0.9, est_rule).alert  # too few
+
+
+def test_ledger_entries_carry_the_estimate_and_old_ones_read_as_none() -> None:
+    rec = {**record({"RV": 0.61}), "sha256": "x", "seq": 3, "case_id": "c", "view": "SA",
+           "source_file": "c.nii.gz", "processed": "p", "mask": "m"}  # fmt: skip
+    entry = case_entry(rec)
+    assert entry["decision_est"] == 0.61 and WindowCase.from_entry(entry).est == 0.61
+    old = {k: v for k, v in entry.items() if k != "decision_est"}
+    assert WindowCase.from_entry(old).est is None
+
+
+@pytest.fixture(scope="module")
+def run_with_estimator(run_copy: Path, tiny_cohort: Path, tmp_path_factory) -> Path:
+    """The tiny run with an estimator fitted on its own cohort (too few failures for a
+    calibrator: every structure falls back to pDC, which is still an ``estimate``)."""
+    run = tmp_path_factory.mktemp("est") / "run"
+    shutil.copytree(run_copy, run)
+    result = CliRunner().invoke(cli, ["fit-estimator", "--run", str(run), "--data",
+                                      str(tiny_cohort), "--view", "SA"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (run / "SA" / "estimator.json").is_file()
+    return run
+
+
+@pytest.mark.slow
+def test_the_monitor_alerts_on_the_estimate_and_restores_it(
+    run_with_estimator: Path, tiny_cohort: Path, tmp_path: Path, plugin_env: pytest.MonkeyPatch
+) -> None:
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    fed = feed_inbox(inbox, tiny_cohort, "SA", {"A", "B", "C"}, 4)
+    cfg = monitor_cfg(
+        run_with_estimator, drift_score="est", min_median_est_dice=0.999, min_cases=3,
+        drift_rule="fixed", ood_fraction_limit=1.0,
+    )  # fmt: skip
+    champs = champions_of(run_with_estimator, ("SA",))
+    mon = Monitor(inbox, out, cfg, champs, settle_s=0)
+    assert mon.step() == len(fed)
+    ledger = list(JsonlLog(out / "ledger.jsonl").read())
+    cases = [e for e in ledger if e["event"] == "case"]
+    assert all(0 <= e["decision_est"] <= 1 for e in cases)
+    (alert,) = [e for e in ledger if e["event"] == "alert"]
+    assert any(r.startswith("median est Dice") for r in alert["alert"]["reasons"])
+    assert not any(r.startswith("median pDC") for r in alert["alert"]["reasons"])
+    median = mon.windows.stats("SA").median_est
+    assert exporter_samples(mon)[("qcloop_est_dice_window_median", (("view", "SA"),))] == median
+    mon.close()
+    again = Monitor(inbox, out, cfg, champs, settle_s=0)  # a restart rebuilds the window
+    assert again.windows.stats("SA").median_est == median
+    again.close()
+
+
+def test_watching_the_estimate_needs_an_estimator(
+    run_copy: Path, tmp_path: Path, plugin_env: pytest.MonkeyPatch
+) -> None:
+    cfg = monitor_cfg(run_copy, drift_score="est")
+    with pytest.raises(RunError, match=r"no calibrated estimate \(SA/estimator.json\)"):
+        Monitor(tmp_path / "inbox", tmp_path / "out", cfg, champions_of(run_copy, ("SA",)))
+    assert json.loads(json.dumps(cfg.monitoring.model_dump()))["drift_score"] == "est"

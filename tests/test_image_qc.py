@@ -44,12 +44,12 @@ def rv_dice(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def trained() -> tuple[ImageMaskQC, AutoencoderQC, np.ndarray, np.ndarray]:
-    images, labels = hearts(160, seed=0)
+    images, labels = hearts(128, seed=0)
     val_images, val_labels = hearts(32, seed=1)
-    image_qc = ImageMaskQC(**SMALL, epochs=10)
+    image_qc = ImageMaskQC(**SMALL, epochs=8)
     history = image_qc.fit(labels, val_labels, images=images, val_images=val_images, seed=0)
-    assert history["dice"]["RV"] > 0.8 and len(history["epochs"]) == 10
-    mask_qc = AutoencoderQC(**SMALL, epochs=10)
+    assert history["dice"]["RV"] > 0.8 and len(history["epochs"]) == 8
+    mask_qc = AutoencoderQC(**SMALL, epochs=8)
     mask_qc.fit(labels, val_labels, seed=0)
     return image_qc, mask_qc, val_images, val_labels
 

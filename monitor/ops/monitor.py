@@ -10,11 +10,9 @@ It composes :mod:`~qcloop.monitor.ops.inbox` (what is ready and what it is),
 (the drift policy, cooldown, coalescing, Alertmanager intake) and
 :mod:`~qcloop.monitor.ops.refinement_job` (window folder, refine, register and gate). It tells
 plugins what happens only through events: ``on_service_started`` / ``on_service_stopped``
-around its life (an exporter adds ``/metrics`` to the monitor's HTTP app there), then ``CaseScored``, ``CaseFailed``,
-``WindowChanged``, ``DriftAlert``, ``ModelRefined`` and ``ModelsLoaded``, each with the
-monitor's service id.
-
-The output folder's layout is in docs/monitoring.md ("Each case ends up as").
+around its life (an exporter adds ``/metrics`` to the monitor's HTTP app there), then
+``CaseScored``, ``CaseFailed``, ``WindowChanged``, ``DriftAlert``, ``ModelRefined`` and
+``ModelsLoaded``, with the monitor's service id. Output layout: docs/monitoring.md.
 
 Order of work per case (:mod:`~qcloop.monitor.ops.intake`): score, write the mask, append the
 record, append the ledger entry, move the input to ``processed/``, broadcast ``CaseScored``;
@@ -44,7 +42,6 @@ from qcloop.monitor.core.http_endpoint import HttpEndpoint
 from qcloop.monitor.core.interfaces import ModelRef, ModelRegistry
 from qcloop.monitor.core.plugin_manager import apply_plugin_settings
 from qcloop.monitor.data.nifti_header import HeaderLimits
-from qcloop.monitor.method.run_folder import RunError
 from qcloop.monitor.ops.alerts import AlertPolicy
 from qcloop.monitor.ops.drift import DriftLimits
 from qcloop.monitor.ops.feedback import take_corrections
@@ -55,7 +52,7 @@ from qcloop.monitor.ops.ledger import Ledger, WindowCase, utc_now
 from qcloop.monitor.ops.out_lock import OutLock
 from qcloop.monitor.ops.reference import cached_reference, flag_reference
 from qcloop.monitor.ops.refinement_job import GateFn, RefineFn, RefinementJob
-from qcloop.monitor.ops.served_view import ServedView
+from qcloop.monitor.ops.served_view import ServedView, require_estimate
 from qcloop.monitor.ops.webhook import AlertDispatcher
 from qcloop.monitor.ops.windows import ViewWindows
 
@@ -206,12 +203,7 @@ class Monitor:
     def _served(self, view: str, champion: ModelRef) -> ServedView:
         """A view's scorer and reference median for ``champion``."""
         scorer = self._scorer(view, champion)
-        if self.cfg.monitoring.drift_score == "est" and scorer.estimator is None:
-            raise RunError(
-                f"{champion.run_dir}/{view}: monitoring.drift_score is est, and this model has "
-                f"no calibrated estimate ({view}/estimator.json); fit one with qcloop "
-                "fit-estimator, or watch pdc"
-            )
+        require_estimate(self.cfg.monitoring, scorer, champion)
         entry = cached_reference(self.out, champion, scorer)
         median = None if entry is None else float(entry["median_pdc"])
         flags = flag_reference(entry)

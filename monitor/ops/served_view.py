@@ -14,7 +14,20 @@ from qcloop.monitor.ops.windows import ViewWindows
 if TYPE_CHECKING:  # pragma: no cover
     from qcloop.monitor.ops.scoring import OnlineScorer
 
-__all__ = ["ServedView"]
+__all__ = ["ServedView", "require_estimate"]
+
+
+def require_estimate(monitoring: Any, scorer: OnlineScorer, champion: ModelRef) -> None:
+    """``RunError`` when the drift policy watches the calibrated estimate (``drift_score:
+    est``) and ``champion`` has none for the scorer's view."""
+    from qcloop.monitor.method.run_folder import RunError
+
+    if monitoring.drift_score == "est" and scorer.estimator is None:
+        raise RunError(
+            f"{champion.run_dir}/{scorer.view}: monitoring.drift_score is est, and this model "
+            f"has no calibrated estimate ({scorer.view}/estimator.json); fit one with qcloop "
+            "fit-estimator, or watch pdc"
+        )
 
 
 @dataclass

@@ -363,7 +363,9 @@ def test_plugins_command_all_lists_builtin_kinds(plugin_env: pytest.MonkeyPatch)
     by_name = {entry["name"]: entry for entry in json.loads(result.output)}
     assert by_name["qcloop.segmenters.plugin"]["builtin"] is True
     assert by_name["qcloop.segmenters.plugin"]["components"] == {"segmenters": ["bn1", "bn2"]}
-    assert by_name["qcloop.qc_modules.plugin"]["components"] == {"qc_modules": ["autoencoder"]}
+    assert by_name["qcloop.qc_modules.plugin"]["components"] == {
+        "qc_modules": ["autoencoder", "image_autoencoder"]
+    }
     table = CliRunner().invoke(cli, ["plugins", "--all"]).output
     assert "segmenters: bn1, bn2" in table
     assert "qc_modules: autoencoder" in table

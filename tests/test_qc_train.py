@@ -115,11 +115,7 @@ def test_qc_train_trains_the_qc_module_that_train_does(tiny_cohort, tmp_path) ->
     config = tmp_path / "train-config.yaml"
     cfg = tiny_run_config()  # the segmenter only needs to exist: a few steps of it
     cfg = cfg.model_copy(
-        update={
-            "training": cfg.training.model_copy(update={"min_steps": 20, "epochs": 2}),
-            # equality, not quality: a short QC schedule (fences must still fit on it)
-            "qc": cfg.qc.model_copy(update={"min_steps": 40, "epochs": 4}),
-        }
+        update={"training": cfg.training.model_copy(update={"min_steps": 20, "epochs": 2})}
     )
     save_config(cfg, config)
     args = ["train", "--data", str(tiny_cohort), "--out", str(tiny_run), "--config", str(config)]

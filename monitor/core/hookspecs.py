@@ -59,7 +59,8 @@ def register_qc_modules(register: Register) -> None:
     """Register QC-module factories: ``register("autoencoder", factory)``.
 
     :param register: call ``register(name, factory)``; ``factory(**params)`` returns an object
-        with ``fit(masks)`` and ``reconstruct(probabilities)``.
+        with ``fit(masks)`` and ``reconstruct(probabilities)``; one that sets ``needs_image``
+        also receives the prepared slices (``images=`` / ``image=``, see ``QCModule``).
     """
 
 

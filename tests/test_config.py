@@ -73,6 +73,8 @@ EXPECTED_DEFAULT: dict[str, Any] = {
         "thresholds": {"name": "iqr", "params": {"k": 1.5}},
         "population": "reference",
         "pose_normalisation": False,
+        "flag_on": "fences",
+        "est_flag_dice": 0.8,
     },
     "refinement": {"refiner": {"name": "alpha", "params": {}}},
     "tracking": {"tracker": None},

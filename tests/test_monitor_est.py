@@ -117,3 +117,68 @@ def test_watching_the_estimate_needs_an_estimator(
     with pytest.raises(RunError, match=r"no calibrated estimate \(SA/estimator.json\)"):
         Monitor(tmp_path / "inbox", tmp_path / "out", cfg, champions_of(run_copy, ("SA",)))
     assert json.loads(json.dumps(cfg.monitoring.model_dump()))["drift_score"] == "est"
+
+
+# --------------------------------------------------------------------------- flagging on est
+
+
+def test_an_estimator_that_flags_keeps_the_fences_verdict_beside_its_own() -> None:
+    from qcloop.monitor.method.quality_estimate import Estimator
+
+    est = Estimator("isotonic", {}, {}, level=0.9, failure_dice=0.8)
+    est.estimate = lambda rec: rec["_est"]  # type: ignore[method-assign]
+    judged = {**record(None), "ood": False, "_est": {"structures": {"RV": {"dice": 0.5}}}}
+    est.apply(judged)  # no floor: the fences decide
+    assert judged["ood"] is False and "ood_fences" not in judged
+    est.flag_below = 0.8
+    est.apply(judged)
+    assert judged["ood"] is True and judged["ood_fences"] is False
+    unjudged = {**record(None), "ood": None, "_est": {"structures": {"RV": {"dice": 0.5}}}}
+    est.apply(unjudged)  # calibration scores without a verdict: nothing to flag
+    assert unjudged["ood"] is None and "ood_fences" not in unjudged
+    no_rv = {**record(None), "ood": True, "_est": {"structures": {"LV": {"dice": 0.1}}}}
+    est.apply(no_rv)  # no estimate of the decision structure: the fences' verdict stands
+    assert no_rv["ood"] is True and "ood_fences" not in no_rv
+
+
+def _flag_on_est(run: Path, dst: Path, floor: float) -> Path:
+    from qcloop.monitor.core.config import load_config, save_config
+
+    shutil.copytree(run, dst)
+    cfg = load_config(dst / "config.yaml")
+    update = {"flag_on": "est", "est_flag_dice": floor}
+    save_config(cfg.model_copy(update={"assessment": cfg.assessment.model_copy(update=update)}),
+                dst / "config.yaml")  # fmt: skip
+    return dst
+
+
+@pytest.mark.slow
+def test_flag_on_est_flags_by_the_estimate_offline_and_online(
+    run_with_estimator: Path, tiny_cohort: Path, tmp_path: Path
+) -> None:
+    from qcloop.monitor.data import discover, load_case
+    from qcloop.monitor.ops.scoring import load_online_scorers
+    from tests.test_predictions import subset
+
+    data = subset(tiny_cohort, tmp_path / "data")
+    for floor, flagged in ((1.0, True), (0.0, False)):  # every case below / none below
+        run = _flag_on_est(run_with_estimator, tmp_path / f"run-{floor}", floor)
+        out = tmp_path / f"a-{floor}"
+        result = CliRunner().invoke(cli, ["assess", "--run", str(run), "--data", str(data),
+                                          "--out", str(out), "--view", "SA"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        recs = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+        assert recs and all(r["ood"] is flagged and "ood_fences" in r for r in recs)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["views"]["SA"]["ood"] == (len(recs) if flagged else 0)
+        scorer = load_online_scorers(run, ["SA"], runtime="torch")["SA"]
+        online = scorer.score(load_case(next(s for s in discover(data) if s.view == "SA")))
+        assert online.record["ood"] is flagged and online.ood is flagged
+
+
+def test_flag_on_est_needs_an_estimator(run_copy: Path, tiny_cohort: Path, tmp_path: Path) -> None:
+    run = _flag_on_est(run_copy, tmp_path / "run", 0.8)
+    result = CliRunner().invoke(cli, ["assess", "--run", str(run), "--data", str(tiny_cohort),
+                                      "--out", str(tmp_path / "a"), "--view", "SA"])  # fmt: skip
+    assert result.exit_code != 0
+    assert "estimator.json: missing; assessment.flag_on is est" in result.output

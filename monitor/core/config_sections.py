@@ -161,6 +161,20 @@ class AssessmentConfig(_Section):
             "reconstructs it (docs/method.md)."
         ),
     )
+    flag_on: Literal["fences", "est"] = Field(
+        default="fences",
+        description="What flags a case OoD: 'fences' (the threshold strategy's fences on "
+        "pDC/pHD, the paper) or 'est' (the calibrated est_dice of the decision structure "
+        "below est_flag_dice; needs RUN/<VIEW>/estimator.json from qcloop fit-estimator; the "
+        "fences' verdict stays in the record as ood_fences). QC-based selection and the "
+        "refiners' stopping test use the fences either way.",
+    )
+    est_flag_dice: float = Field(
+        default=0.8,
+        ge=0.0,
+        le=1.0,
+        description="flag_on est: a case whose decision est_dice is below this is flagged.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -32,7 +32,7 @@ from qcloop.monitor.method.case_worker import (
     selected_map,
 )
 from qcloop.monitor.method.cases import PreparedCase, load_prepared, make_preprocessor
-from qcloop.monitor.method.quality_estimate import load_estimator
+from qcloop.monitor.method.quality_estimate import Estimator, load_estimator
 from qcloop.monitor.method.run_folder import (
     ModelSet,
     RunError,
@@ -122,10 +122,15 @@ def case_phase(scored: ScoredCase) -> str:
     return str(scored.key["phase"])
 
 
-def flag_collector(flagged: list[Assessed]) -> CaseCallback:
-    """A case callback that keeps each OoD case with its QC-selected map (what refiners need)."""
+def flag_collector(flagged: list[Assessed], estimator: Estimator | None = None) -> CaseCallback:
+    """A case callback that keeps each OoD case with its QC-selected map (what refiners need);
+    with an ``estimator`` that flags (``assessment.flag_on: est``) its verdict decides."""
 
     def keep(a: Assessed) -> None:
+        if estimator is not None and estimator.flag_below is not None:
+            rec = a.scored.to_record()
+            estimator.apply(rec)
+            a.scored.ood = rec["ood"]
         if a.scored.ood:
             flagged.append(Assessed(a.item, a.scored, [selected_map(a).astype(np.float32)]))
 
@@ -278,7 +283,7 @@ def _transductive_outcomes(
     pre = make_preprocessor(cfg, getattr(model_set.best, "divisor", 1))
     cases = load_prepared(sources, pre, errors)
     reconstruct = make_assessor(model_set, cfg).reconstruct
-    estimator = load_estimator(job.run, job.view)
+    estimator = load_estimator(job.run, job.view, cfg.assessment)
     records: list[dict[str, Any]] = []
     assess_prepared(
         model_set, cases, cfg, lambda a: records.append(case_record(a, job, reconstruct, estimator))

@@ -122,7 +122,7 @@ class ViewScorer:
         self.preprocessor = make_preprocessor(cfg, getattr(self.model_set.best, "divisor", 1))
         self.assessor = make_assessor(self.model_set, cfg)
         #: the run's calibrated estimate of this view, read once (None: the run has none)
-        self.estimator = load_estimator(job.run, job.view) if job.judge else None
+        self.estimator = load_estimator(job.run, job.view, cfg.assessment) if job.judge else None
 
     def score(self, source: CaseSource) -> Outcome:
         """The outcome of one case; any failure is a ``skipped`` outcome naming its reason."""
@@ -182,7 +182,8 @@ def case_record(
     rec = a.scored.to_record()
     rec["model"] = dict(job.model)
     if estimator is not None:
-        rec["estimate"] = estimator.estimate(rec)
+        estimator.apply(rec)  # with assessment.flag_on: est, it also flags the case
+        a.scored.ood = rec["ood"]
     labels = None
     if a.item.case.gt is not None or job.write_masks:
         labels = restore_labels(a.item, selected_map(a))

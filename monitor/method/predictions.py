@@ -158,20 +158,22 @@ def score_masks(
         label_map=label_map,
         where=where,
     )
-    return _records(scored, Path(run_dir)), errors
+    return _records(scored, Path(run_dir), cfg or load_run_config(run_dir)), errors
 
 
-def _records(scored: Sequence[ScoredCase], run: Path) -> list[dict[str, Any]]:
+def _records(scored: Sequence[ScoredCase], run: Path, cfg: QcloopConfig) -> list[dict[str, Any]]:
     """The JSON records of scored masks, with the run that scored them as ``model``."""
     from qcloop.monitor.method.quality_estimate import load_estimator
 
     model = {"run": str(run.resolve())}
     records = [{**s.to_record(), "model": model} for s in scored]
-    estimators = {v: load_estimator(run, v) for v in {r["view"] for r in records}}
-    for rec in records:
+    views = {r["view"] for r in records}
+    estimators = {v: load_estimator(run, v, cfg.assessment) for v in views}
+    for s, rec in zip(scored, records, strict=True):
         estimator = estimators[rec["view"]]
         if estimator is not None:
-            rec["estimate"] = estimator.estimate(rec)
+            estimator.apply(rec)  # with assessment.flag_on: est, it also flags the case
+            s.ood = rec["ood"]
     return records
 
 
@@ -273,7 +275,7 @@ def assess_predictions(
     scored, errors = scored_masks(
         run, data_dir, masks, cfg, views=views, mapping_csv=mapping_csv, label_map=lut, where=where
     )
-    records = _records(scored, run)
+    records = _records(scored, run, cfg)
     pm = get_plugin_manager()
     for rec in records:
         pm.emit(CaseScored(rec))

@@ -156,6 +156,21 @@ class Estimator:
         self.level, self.failure_dice = level, failure_dice
         self.warnings = list(warnings)
         self.fitted_on = dict(fitted_on or {})
+        #: ``assessment.flag_on: est``: a case whose decision est_dice is below this is flagged
+        #: (set by :func:`load_estimator` from the run's configuration; ``None``: fences flag)
+        self.flag_below: float | None = None
+
+    def apply(self, rec: dict[str, Any]) -> None:
+        """Add the record's ``estimate``; with :attr:`flag_below`, flag the judged record by it
+        (``ood``: decision est_dice below the floor; the fences' verdict kept as ``ood_fences``).
+        """
+        rec["estimate"] = self.estimate(rec)
+        if self.flag_below is None or rec.get("ood") is None:
+            return
+        est = decision_est(rec)
+        if est is not None:
+            rec["ood_fences"] = rec["ood"]
+            rec["ood"] = bool(est < self.flag_below)
 
     def estimate(self, rec: Mapping[str, Any]) -> dict[str, Any]:
         """The record's ``estimate`` field: per structure ``dice``, ``dice_lo``, ``dice_hi``,
@@ -321,17 +336,44 @@ def estimator_from_dict(data: Mapping[str, Any], calibrators: Mapping[str, Any])
         raise ValueError(f"not an estimator file ({type(exc).__name__}: {exc})") from exc
 
 
-def load_estimator(run_dir: Path, view: str) -> Estimator | None:
+def load_estimator(run_dir: Path, view: str, assessment: Any = None) -> Estimator | None:
     """``RUN/<view>/estimator.json`` read back (``None`` when the run has none); a malformed
-    file is a ``ValueError`` naming it. Read once per scorer, not per case."""
+    file is a ``ValueError`` naming it. Read once per scorer, not per case. With the run's
+    ``assessment`` section and ``flag_on: est``, the estimator also flags cases
+    (:meth:`Estimator.apply`), and a run without one is a ``RunError``."""
     import json
 
     from qcloop.monitor.core.plugin_manager import get_plugin_manager
 
     path = Path(run_dir) / view / ESTIMATOR_FILE
+    flag_on_est = assessment is not None and assessment.flag_on == "est"
     if not path.is_file():
+        if flag_on_est:
+            from qcloop.monitor.method.run_folder import RunError
+
+            raise RunError(
+                f"{path}: missing; assessment.flag_on is est, which flags cases by the "
+                "calibrated estimate: fit one with qcloop fit-estimator, or flag on fences"
+            )
         return None
     try:
-        return estimator_from_dict(json.loads(path.read_text()), get_plugin_manager().calibrators())
+        est = estimator_from_dict(json.loads(path.read_text()), get_plugin_manager().calibrators())
     except (ValueError, KeyError) as exc:
         raise ValueError(f"{path}: {exc}") from exc
+    if flag_on_est:
+        est.flag_below = float(assessment.est_flag_dice)
+    return est
+
+
+def decision_est(record: Mapping[str, Any]) -> float | None:
+    """A record's ``est_dice`` of its decision structure (the mean over its scored structures
+    for ``"mean"``), or ``None`` when the record carries no (finite) estimate of it."""
+    structures = (record.get("estimate") or {}).get("structures") or {}
+    structure = record.get("decision_structure", "RV")
+    scored = record.get("candidates") or [{}]
+    names = list(scored[0]) if structure == "mean" else [structure]
+    values = [structures[s]["dice"] for s in names if s in structures]
+    if not values or len(values) != len(names):
+        return None
+    value = float(sum(values) / len(values))
+    return value if math.isfinite(value) else None

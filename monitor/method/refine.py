@@ -33,6 +33,7 @@ from qcloop.monitor.method.cases import (
 )
 from qcloop.monitor.method.external import load_card_model
 from qcloop.monitor.method.qc_train import staged_folder
+from qcloop.monitor.method.quality_estimate import load_estimator
 from qcloop.monitor.method.run_folder import (
     RunError,
     load_model_set,
@@ -218,7 +219,10 @@ def refine_view(
     rc = cfg.refinement.refiner
     model_set = load_model_set(run, view, cfg)
     pre = make_preprocessor(cfg, getattr(model_set.best, "divisor", 1))
-    n_cases, flagged_items = assessed or assess_window(model_set, cfg, data_dir, pre, where)
+    estimator = load_estimator(run, view, cfg.assessment)
+    n_cases, flagged_items = assessed or assess_window(
+        model_set, cfg, data_dir, pre, where, estimator
+    )
     flagged = FlaggedSet(
         images=[a.item.prepared.image for a in flagged_items],
         selected=[a.probs[0] for a in flagged_items],
@@ -267,13 +271,20 @@ def refine_view(
 
 
 def assess_window(
-    model_set: Any, cfg: QcloopConfig, data_dir: str | Path, pre: Any, where: dict[str, Any] | None
+    model_set: Any,
+    cfg: QcloopConfig,
+    data_dir: str | Path,
+    pre: Any,
+    where: dict[str, Any] | None,
+    estimator: Any = None,
 ) -> tuple[int, list[Assessed]]:
     """Assess the cases of ``data_dir`` (prepared by ``pre``) with ``model_set``: how many,
-    and the flagged ones as :func:`flag_collector` keeps them."""
+    and the flagged ones as :func:`flag_collector` keeps them (by ``estimator`` when the run
+    flags on the calibrated estimate)."""
     flagged: list[Assessed] = []
     cases = load_prepared(sources_for(data_dir, [model_set.view], where), pre)
-    return len(assess_prepared(model_set, cases, cfg, flag_collector(flagged))), flagged
+    collect = flag_collector(flagged, estimator)
+    return len(assess_prepared(model_set, cases, cfg, collect)), flagged
 
 
 @dataclass(frozen=True)

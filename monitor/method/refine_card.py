@@ -49,6 +49,7 @@ from qcloop.monitor.method.cases import (
 )
 from qcloop.monitor.method.external import CardPredictor
 from qcloop.monitor.method.qc_call import needs_image
+from qcloop.monitor.method.quality_estimate import load_estimator
 from qcloop.monitor.method.refine import assess_window, count_still_ood
 from qcloop.monitor.method.run_folder import RunError, load_model_set
 
@@ -203,7 +204,10 @@ def refine_card_view(
     if problem:
         raise RunError(f"{run}: cannot refine {view}: {problem}")
     qc_pre = make_preprocessor(cfg)
-    n_cases, flagged_items = assessed or assess_window(model_set, cfg, data_dir, qc_pre, where)
+    estimator = load_estimator(run, view, cfg.assessment)
+    n_cases, flagged_items = assessed or assess_window(
+        model_set, cfg, data_dir, qc_pre, where, estimator
+    )
     card_cases = [
         predictor.preprocessor.prepare_image(a.item.case.image, a.item.case.spacing)
         for a in flagged_items

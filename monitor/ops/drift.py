@@ -12,20 +12,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from qcloop.monitor.core.events import WindowStats
+from qcloop.monitor.method.quality_estimate import decision_est
 
-
-def decision_est(record: dict[str, Any]) -> float | None:
-    """A record's calibrated ``est_dice`` of its decision structure (the mean over structures
-    for ``"mean"``), or ``None`` when the record carries no estimate."""
-    structures = (record.get("estimate") or {}).get("structures") or {}
-    structure = record.get("decision_structure", "RV")
-    scored = record.get("candidates") or [{}]
-    names = list(scored[0]) if structure == "mean" else [structure]  # every scored structure
-    values = [structures[s]["dice"] for s in names if s in structures]
-    if not values or len(values) != len(names):
-        return None
-    value = float(sum(values) / len(values))
-    return value if math.isfinite(value) else None
+__all__ = [
+    "DriftDecision",
+    "DriftLimits",
+    "FlagReference",
+    "RollingWindow",
+    "decision_est",
+    "decision_pdc",
+    "judge_drift",
+]
 
 
 def decision_pdc(record: dict[str, Any]) -> float:

@@ -146,7 +146,8 @@ class OnlineScorer:
         }
         record = scored.to_record()
         if self.estimator is not None:
-            record["estimate"] = self.estimator.estimate(record)
+            self.estimator.apply(record)  # with assessment.flag_on: est, it also flags the case
+            scored.ood = record["ood"]
         record["runtime"] = {"name": self.runtime.name, "providers": self.runtime.providers()}
         record["model"] = self.model_info
         record["latency_s"] = timings["total"]
@@ -192,7 +193,7 @@ def load_online_scorers(
     for view in views or run_views(run):
         rt = build_runtime(runtime, run, view, cfg, **runtime_params)
         pose = configured_pose(cfg, load_pose(run, view), view)
-        estimator = load_estimator(run, view)
+        estimator = load_estimator(run, view, cfg.assessment)
         scorers[view] = OnlineScorer(view, rt, load_fences(run, view), cfg, info, pose, estimator)
     if not scorers:
         raise CaseError(run, "the run has no trained view")

@@ -182,3 +182,8 @@ def test_flag_on_est_needs_an_estimator(run_copy: Path, tiny_cohort: Path, tmp_p
                                       "--out", str(tmp_path / "a"), "--view", "SA"])  # fmt: skip
     assert result.exit_code != 0
     assert "estimator.json: missing; assessment.flag_on is est" in result.output
+    # fitting the estimator such a run asks for is not refused for the same reason
+    result = CliRunner().invoke(cli, ["fit-estimator", "--run", str(run), "--data",
+                                      str(tiny_cohort), "--view", "SA"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (run / "SA" / "estimator.json").is_file()

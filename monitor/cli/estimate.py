@@ -63,17 +63,21 @@ def score_labelled(
     out: Path,
 ) -> Iterator[dict[str, Any]]:
     """The records of the labelled cases, scored by the run (or its QC module, for ``masks``)
-    into ``out``."""
+    into ``out``. The fences flag them even where the run flags on the estimate: the estimate
+    may be what is about to be fitted, and the figures here do not depend on the flag."""
     from qcloop.monitor.method.assess import assess_run
     from qcloop.monitor.method.predictions import assess_predictions
 
     with _clear_errors():
         if masks is not None:
             summary = assess_predictions(
-                data_dir, run_dir, masks, out, views=_views(view), where=where
-            )
+                data_dir, run_dir, masks, out, views=_views(view), where=where,
+                estimate_flags=False,
+            )  # fmt: skip
         else:
-            summary = assess_run(data_dir, run_dir, out, views=_views(view), where=where)
+            summary = assess_run(
+                data_dir, run_dir, out, views=_views(view), where=where, estimate_flags=False
+            )
     for s in summary["skipped"]:
         click.echo(f"skipped {s['path']}: {s['reason']}", err=True)
     with open(out / "records.jsonl") as f:

@@ -150,6 +150,7 @@ def assess_run(
     figures: str = "none",
     engine: str = "local",
     engine_params: Mapping[str, Any] | None = None,
+    estimate_flags: bool = True,
 ) -> dict[str, Any]:
     """Assess (and with ``write_masks`` predict) every case of ``data_dir`` with a run.
 
@@ -159,6 +160,8 @@ def assess_run(
     live in separate folders); ``model_info`` adds a ``model`` field (e.g. registered name and
     version) to each view's records. ``engine`` names the registered engine doing the per-case
     work (``local``, ``ray``; built with ``engine_params``); records are the same either way.
+    ``estimate_flags=False`` leaves the OoD flag to the fences where the run flags on the
+    calibrated estimate (``qcloop fit-estimator`` scores the cases it fits on this way).
 
     ``out_dir`` is a folder, or a URI of a pyarrow filesystem (``s3://bucket/qc``: outputs are
     written locally, then copied there; :mod:`~qcloop.monitor.core.object_store`).
@@ -178,7 +181,7 @@ def assess_run(
     with _output_folder(out_dir) as (out, store):
         summary = _assess_into(
             out, store, data_dir, run_dir, views, write_masks, where, tracker, model_info,
-            figures, engine, engine_params,
+            figures, engine, engine_params, estimate_flags,
         )  # fmt: skip
         if store is not None:
             for name in ("records.jsonl", "summary.json"):  # summary last: the batch is done
@@ -217,6 +220,7 @@ def _assess_into(
     figures: str,
     engine: str,
     engine_params: Mapping[str, Any] | None,
+    estimate_flags: bool = True,
 ) -> dict[str, Any]:
     """:func:`assess_run` into the local folder ``out`` (records naming ``store`` URIs)."""
     from qcloop.monitor.core.plugin_manager import get_plugin_manager
@@ -234,7 +238,8 @@ def _assess_into(
         for view, view_run in runs.items():
             view_cfg = load_run_config(view_run) if view_run != run else cfg
             info = {"run": str(view_run.resolve()), **dict((model_info or {}).get(view, {}))}
-            job = ViewJob(view, view_run, out, info, write_masks, figures, store=store)
+            job = ViewJob(view, view_run, out, info, write_masks, figures, store=store,
+                          estimate_flags=estimate_flags)  # fmt: skip
             sources = [s for s in all_sources if s.view == view]
             if view_cfg.assessment.population == "transductive" and eng.name != "local":
                 raise RunError(
@@ -283,7 +288,7 @@ def _transductive_outcomes(
     pre = make_preprocessor(cfg, getattr(model_set.best, "divisor", 1))
     cases = load_prepared(sources, pre, errors)
     reconstruct = make_assessor(model_set, cfg).reconstruct
-    estimator = load_estimator(job.run, job.view, cfg.assessment)
+    estimator = load_estimator(job.run, job.view, cfg.assessment if job.estimate_flags else None)
     records: list[dict[str, Any]] = []
     assess_prepared(
         model_set, cases, cfg, lambda a: records.append(case_record(a, job, reconstruct, estimator))

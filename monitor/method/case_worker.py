@@ -54,6 +54,9 @@ class ViewJob:
         store: an output folder by URI (``s3://bucket/qc``, :mod:`~qcloop.monitor.core.object_store`):
             masks and figures are written below ``out`` (then a local scratch folder), copied
             there and removed locally; records name them by URI.
+        estimate_flags: with ``assessment.flag_on: est``, the run's estimator flags the cases
+            (and must exist); ``False`` leaves the flag to the fences (``qcloop fit-estimator``,
+            which scores the cases the estimator is about to be fitted on).
     """
 
     view: str
@@ -64,6 +67,7 @@ class ViewJob:
     figures: str = "none"
     judge: bool = True
     store: str | None = None
+    estimate_flags: bool = True
 
 
 @dataclass
@@ -122,7 +126,8 @@ class ViewScorer:
         self.preprocessor = make_preprocessor(cfg, getattr(self.model_set.best, "divisor", 1))
         self.assessor = make_assessor(self.model_set, cfg)
         #: the run's calibrated estimate of this view, read once (None: the run has none)
-        self.estimator = load_estimator(job.run, job.view, cfg.assessment) if job.judge else None
+        rule = cfg.assessment if job.estimate_flags else None
+        self.estimator = load_estimator(job.run, job.view, rule) if job.judge else None
 
     def score(self, source: CaseSource) -> Outcome:
         """The outcome of one case; any failure is a ``skipped`` outcome naming its reason."""

@@ -161,14 +161,18 @@ def score_masks(
     return _records(scored, Path(run_dir), cfg or load_run_config(run_dir)), errors
 
 
-def _records(scored: Sequence[ScoredCase], run: Path, cfg: QcloopConfig) -> list[dict[str, Any]]:
-    """The JSON records of scored masks, with the run that scored them as ``model``."""
+def _records(
+    scored: Sequence[ScoredCase], run: Path, cfg: QcloopConfig, estimate_flags: bool = True
+) -> list[dict[str, Any]]:
+    """The JSON records of scored masks, with the run that scored them as ``model``
+    (``estimate_flags`` as for :class:`~qcloop.monitor.method.case_worker.ViewJob`)."""
     from qcloop.monitor.method.quality_estimate import load_estimator
 
     model = {"run": str(run.resolve())}
     records = [{**s.to_record(), "model": model} for s in scored]
     views = {r["view"] for r in records}
-    estimators = {v: load_estimator(run, v, cfg.assessment) for v in views}
+    rule = cfg.assessment if estimate_flags else None
+    estimators = {v: load_estimator(run, v, rule) for v in views}
     for s, rec in zip(scored, records, strict=True):
         estimator = estimators[rec["view"]]
         if estimator is not None:
@@ -259,6 +263,7 @@ def assess_predictions(
     label_map: LabelMap = None,
     where: dict[str, Any] | None = None,
     tracker: Tracker | None = None,
+    estimate_flags: bool = True,
 ) -> dict[str, Any]:
     """``qcloop assess --predictions``: score the masks and write ``out_dir/records.jsonl`` (one
     record per scored case, in case order, each broadcast as ``CaseScored``) and
@@ -275,7 +280,7 @@ def assess_predictions(
     scored, errors = scored_masks(
         run, data_dir, masks, cfg, views=views, mapping_csv=mapping_csv, label_map=lut, where=where
     )
-    records = _records(scored, run, cfg)
+    records = _records(scored, run, cfg, estimate_flags)
     pm = get_plugin_manager()
     for rec in records:
         pm.emit(CaseScored(rec))

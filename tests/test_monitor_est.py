@@ -74,10 +74,14 @@ def test_ledger_entries_carry_the_estimate_and_old_ones_read_as_none() -> None:
 def run_with_estimator(run_copy: Path, tiny_cohort: Path, tmp_path_factory) -> Path:
     """The tiny run with an estimator fitted on its own cohort (too few failures for a
     calibrator: every structure falls back to pDC, which is still an ``estimate``)."""
-    run = tmp_path_factory.mktemp("est") / "run"
+    from tests.test_predictions import subset
+
+    root = tmp_path_factory.mktemp("est")
+    run = root / "run"
     shutil.copytree(run_copy, run)
+    data = subset(tiny_cohort, root / "data")  # four subjects: seconds, and a fallback all the same
     result = CliRunner().invoke(cli, ["fit-estimator", "--run", str(run), "--data",
-                                      str(tiny_cohort), "--view", "SA"])  # fmt: skip
+                                      str(data), "--view", "SA"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert (run / "SA" / "estimator.json").is_file()
     return run
@@ -177,13 +181,16 @@ def test_flag_on_est_flags_by_the_estimate_offline_and_online(
 
 
 def test_flag_on_est_needs_an_estimator(run_copy: Path, tiny_cohort: Path, tmp_path: Path) -> None:
+    from tests.test_predictions import subset
+
     run = _flag_on_est(run_copy, tmp_path / "run", 0.8)
-    result = CliRunner().invoke(cli, ["assess", "--run", str(run), "--data", str(tiny_cohort),
+    data = subset(tiny_cohort, tmp_path / "data")
+    result = CliRunner().invoke(cli, ["assess", "--run", str(run), "--data", str(data),
                                       "--out", str(tmp_path / "a"), "--view", "SA"])  # fmt: skip
     assert result.exit_code != 0
     assert "estimator.json: missing; assessment.flag_on is est" in result.output
     # fitting the estimator such a run asks for is not refused for the same reason
     result = CliRunner().invoke(cli, ["fit-estimator", "--run", str(run), "--data",
-                                      str(tiny_cohort), "--view", "SA"])  # fmt: skip
+                                      str(data), "--view", "SA"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert (run / "SA" / "estimator.json").is_file()

@@ -26,7 +26,7 @@ from qcloop.qc_modules.autoencoder_training import (
     train_autoencoder,
 )
 
-__all__ = ["AutoencoderQC", "CollapseError", "MaskAutoencoder", "stage_widths"]
+__all__ = ["AutoencoderQC", "CollapseError", "MaskAutoencoder", "NetState", "stage_widths"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,43 @@ class MaskAutoencoder(nn.Module):
         return torch.softmax(self.head(self.decoder(self.encoder(x))), dim=1)
 
 
-class AutoencoderQC:
+class NetState:
+    """``state_dict`` / ``load_state_dict`` of a QC module that holds one network ``net`` and is
+    rebuilt by its constructor from :meth:`hparams`; ``STATE_FORMAT`` tags its states and
+    ``KIND`` names it in errors."""
+
+    STATE_FORMAT: str
+    KIND: str
+    net: nn.Module
+    fitted: bool
+    device: str
+
+    def hparams(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this module."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Hyper-parameters and weights (CPU tensors), loadable with ``torch.load(weights_only=True)``."""
+        return {
+            "format": self.STATE_FORMAT,
+            "hparams": self.hparams(),
+            "fitted": self.fitted,
+            "net": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Adopt the hyper-parameters and weights of ``state`` (rebuilding the network); the
+        device stays this instance's."""
+        if state.get("format") != self.STATE_FORMAT:
+            raise ValueError(f"not {self.KIND} state (format {state.get('format')!r})")
+        fresh = type(self)(**{**state["hparams"], "device": self.device})
+        fresh.net.load_state_dict(state["net"])
+        self.__dict__.update(fresh.__dict__)
+        self.fitted = bool(state.get("fitted", True))
+        self.net.eval()
+
+
+class AutoencoderQC(NetState):
     """QC module R: trains a :class:`MaskAutoencoder` on ground-truth masks and reconstructs
     predicted masks, so that the core can score prediction against reconstruction.
 
@@ -147,6 +183,9 @@ class AutoencoderQC:
             in poses the training scanner never produced, so a correct segmentation of a heart
             rotated by another scanner's planning is not scored as implausible.
     """
+
+    STATE_FORMAT = STATE_FORMAT
+    KIND = "an autoencoder"
 
     def __init__(
         self,
@@ -378,27 +417,6 @@ class AutoencoderQC:
         return out.to(device=probabilities.device, dtype=probabilities.dtype)
 
     # ------------------------------------------------------------------ persistence
-
-    def state_dict(self) -> dict[str, Any]:
-        """Hyper-parameters and weights (CPU tensors), loadable with ``torch.load(weights_only=True)``."""
-        return {
-            "format": STATE_FORMAT,
-            "hparams": self.hparams(),
-            "fitted": self.fitted,
-            "net": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Adopt the hyper-parameters and weights of ``state`` (rebuilding the network); the
-        device stays this instance's."""
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not an autoencoder state (format {state.get('format')!r})")
-        hparams = {**state["hparams"], "device": self.device}
-        fresh = AutoencoderQC(**hparams)
-        fresh.net.load_state_dict(state["net"])
-        self.__dict__.update(fresh.__dict__)
-        self.fitted = bool(state.get("fitted", True))
-        self.net.eval()
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], device: str | None = None) -> AutoencoderQC:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qcloop.qc_modules.autoencoder import MaskAutoencoder, stage_widths
+from qcloop.qc_modules.autoencoder import MaskAutoencoder, NetState, stage_widths
 from qcloop.qc_modules.autoencoder_training import (
     CollapseError,
     Log,
@@ -43,7 +43,7 @@ STATE_FORMAT = "qcloop.image-autoencoder/1"
 MONITOR_SLICES = 256
 
 
-class ImageMaskQC:
+class ImageMaskQC(NetState):
     """QC module that reconstructs a mask from the mask and its image (``needs_image``).
 
     Args:
@@ -59,6 +59,8 @@ class ImageMaskQC:
 
     #: the core passes the prepared slices to ``fit`` and ``reconstruct``
     needs_image = True
+    STATE_FORMAT = STATE_FORMAT
+    KIND = "an image-aware QC"
 
     def __init__(
         self,
@@ -300,27 +302,6 @@ class ImageMaskQC:
             raise ValueError("the image-aware QC module reconstructs from the image: none given")
         pixels = torch.from_numpy(self._check_image(image, len(tensor)))
         return self._reconstruct_batched(tensor, pixels).numpy()
-
-    # ------------------------------------------------------------------ persistence
-
-    def state_dict(self) -> dict[str, Any]:
-        """Hyper-parameters and weights (CPU tensors), loadable with ``weights_only=True``."""
-        return {
-            "format": STATE_FORMAT,
-            "hparams": self.hparams(),
-            "fitted": self.fitted,
-            "net": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Adopt the hyper-parameters and weights of ``state``; the device stays this one's."""
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not an image-aware QC state (format {state.get('format')!r})")
-        fresh = ImageMaskQC(**{**state["hparams"], "device": self.device})
-        fresh.net.load_state_dict(state["net"])
-        self.__dict__.update(fresh.__dict__)
-        self.fitted = bool(state.get("fitted", True))
-        self.net.eval()
 
 
 def _class_dice(recon: torch.Tensor, truth: torch.Tensor, num_classes: int) -> dict[str, float]:
